@@ -1,0 +1,3 @@
+from dcml.cli import main
+
+raise SystemExit(main())
