@@ -1,5 +1,92 @@
-"""(being written)"""
+"""`dcml metrics`: retrieval and clustering metrics for anyone's embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dcml.errors import UserError
+
+DEFAULT_KS = "1,2,4,8"
 
 
 def register(subparsers) -> None:
-    pass
+    parser = subparsers.add_parser(
+        "metrics",
+        help="Recall@K, MAP@R, R-Precision, Precision@1 and NMI for embeddings in .npy files",
+        description="Exact retrieval and clustering metrics on any embeddings, in bounded memory. "
+        "Without --query-mask every row queries all other rows (leave-one-out); with it, query rows "
+        "are searched against the non-query rows only. Distances are Euclidean on the vectors as given.",
+    )
+    parser.add_argument("--embeddings", type=Path, required=True, help="float array, rows x dims (.npy)")
+    parser.add_argument("--labels", type=Path, required=True, help="integer class label per row (.npy)")
+    parser.add_argument("--query-mask", type=Path, default=None, help="boolean per row, True = query (.npy)")
+    parser.add_argument(
+        "--groups",
+        type=Path,
+        default=None,
+        help="integer group per row (.npy): a query never retrieves rows of its own group "
+        "(cross-vendor protocol; re-identification's same-camera rule)",
+    )
+    parser.add_argument("--ks", default=DEFAULT_KS, help="comma-separated K values for Recall@K (default: %(default)s)")
+    parser.add_argument("--no-nmi", action="store_true", help="skip NMI (its k-means is the slowest part)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"), help="k-means backend for NMI")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed for NMI (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=_run)
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--ks must be comma-separated positive integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise UserError(f"--ks must be comma-separated positive integers, got {text!r}")
+    return ks
+
+
+def load_array(path: Path, what: str) -> np.ndarray:
+    """np.load with one-line errors (missing file, not an .npy, pickled objects)."""
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise UserError(f"cannot read {what} file {path} as .npy: {error}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dcml.evaluation.metrics import NMI, evaluate_embeddings
+
+    ks = parse_ks(args.ks)
+    embeddings = load_array(args.embeddings, "embeddings")
+    labels = load_array(args.labels, "labels")
+    query_mask = load_array(args.query_mask, "query mask") if args.query_mask else None
+    groups = load_array(args.groups, "groups") if args.groups else None
+    result = evaluate_embeddings(
+        embeddings,
+        labels,
+        ks=ks,
+        query_mask=query_mask,
+        groups=groups,
+        with_nmi=not args.no_nmi,
+        backend=args.backend,
+        seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    protocol = "query vs gallery" if query_mask is not None else "leave-one-out"
+    if groups is not None:
+        protocol += ", excluding the query's own group"
+    print(f"{len(labels)} rows, {len(np.unique(labels))} classes, {protocol}")
+    for key, value in result.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<22} {shown}")
+    if NMI not in result:
+        print("  (NMI skipped)")
+    return 0
