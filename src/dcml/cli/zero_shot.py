@@ -1,0 +1,77 @@
+"""`dcml zero-shot`: how well a pretrained backbone retrieves before any metric learning."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from dcml.cli.embed import DEFAULT_BACKBONE
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "zero-shot",
+        help="evaluate a pretrained backbone's features (no training) under the dataset's protocol",
+        description="Embed the dataset's test data with a pretrained backbone (pooled features, "
+        "L2-normalised) and print the metrics of the dataset's own protocol: for emoji, "
+        "leave-one-out and cross-vendor (a query never retrieves its own vendor's images).",
+    )
+    parser.add_argument("--dataset", default="emoji", help="dataset name (default: %(default)s; see `dcml data list`)")
+    parser.add_argument("--root", type=Path, default=None, help="dataset folder (emoji: the cache dir)")
+    parser.add_argument("--split", default=None, help="evaluate this split instead of the protocol's test data")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=None, help="load backbone weights from this file")
+    parser.add_argument("--image-size", type=int, default=None, help="test resolution (default: the backbone's)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of NMI's k-means and VehicleID's galleries")
+    parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.set_defaults(handler=_run)
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    """Write to a temp file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dcml.data import load_dataset
+    from dcml.embedding import extract_embeddings
+    from dcml.evaluation.runner import evaluate_dataset, format_table
+    from dcml.models.backbones import create_backbone
+
+    start = time.perf_counter()
+    dataset = load_dataset(args.dataset, args.root)
+    backbone = create_backbone(args.backbone, pretrained=True, weights=args.weights)
+    transform = backbone.test_transform(args.image_size)
+
+    def embed(split):
+        embeddings, _ = extract_embeddings(backbone, split, transform, batch_size=args.batch_size, num_workers=args.workers)
+        return embeddings
+
+    rows = evaluate_dataset(dataset, embed, split=args.split, seed=args.seed)
+    seconds = time.perf_counter() - start
+    size = args.image_size or backbone.input_size
+    payload = {"dataset": dataset.name, "backbone": args.backbone, "image_size": size, "seconds": seconds, "metrics": rows}
+    if args.out is not None:
+        write_json_atomically(args.out, payload)
+    if args.json:
+        print(json.dumps(payload))
+        return 0
+    split_names = args.split or "+".join(dataset.evaluation.splits)
+    print(f"zero-shot {args.backbone} ({size} px) on {dataset.name} {split_names} ({seconds:.0f} s); metrics in %")
+    print(format_table(rows, dataset.evaluation.recall_ks))
+    return 0
