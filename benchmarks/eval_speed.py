@@ -43,13 +43,13 @@ def sop_like_labels(rng: np.random.Generator, images: int, classes: int) -> np.n
     return rng.permutation(np.repeat(np.arange(classes), sizes))
 
 
-def make_data(kind: str, images: int, classes: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def make_data(kind: str, images: int, classes: int, dim: int, seed: int, noise: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = sop_like_labels(rng, images, classes)
     x = rng.standard_normal((images, dim)).astype(np.float32)
     if kind == "clustered":
         centres = rng.standard_normal((classes, dim)).astype(np.float32)
-        x = centres[labels] + 0.9 * x
+        x = centres[labels] + noise * x
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, labels.astype(np.int64)
 
@@ -91,13 +91,14 @@ def main() -> int:
     parser.add_argument("--classes", type=int, default=SOP_TEST_CLASSES)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=2.0, help="clustered data: noise scale relative to the class centres")
     parser.add_argument("--child", nargs=2, metavar=("CONTENDER", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return 0
 
-    x, labels = make_data(args.data, args.images, args.classes, args.dim, args.seed)
+    x, labels = make_data(args.data, args.images, args.classes, args.dim, args.seed, args.noise)
     print(f"data: {args.data}, {len(x)} x {x.shape[1]}, {len(np.unique(labels))} classes, sizes {np.bincount(labels).min()}-{np.bincount(labels).max()}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,6 +82,21 @@ def test_query_gallery_and_groups_match_reference(kernel, seed, tiles):
     )
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("seed", range(4))
+def test_continuous_vectors_with_duplicates_match_float64_reference(kernel, seed, tiles):
+    # Near-ties within float32 rounding are re-compared in float64, so even low-dimensional data
+    # with exact duplicates and wide norm ranges ranks exactly like the float64 loop.
+    rng = np.random.default_rng(200 + seed)
+    n, d = 150, int(rng.integers(2, 20))
+    x = unit_rows(rng, n, d) * rng.uniform(0.05, 30, (n, 1)).astype(np.float32) ** (seed % 2)
+    x[rng.integers(0, n, n // 4)] = x[rng.integers(0, n, n // 4)]
+    labels = rng.integers(0, 12, n)
+    groups = rng.integers(0, 3, n) if seed >= 2 else None
+    ks = (1, 2, 4, 8)
+    assert_same(retrieval_metrics(x, labels, ks=ks, groups=groups, kernel=kernel), reference_retrieval(x, labels, ks, groups=groups))
+
+
 def test_unnormalised_vectors_rank_by_euclidean_distance():
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((80, 5)) * rng.uniform(0.1, 10, (80, 1))).astype(np.float32)

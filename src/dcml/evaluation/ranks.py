@@ -3,17 +3,18 @@
 Recall@K needs only the rank of a query's nearest positive; MAP@R, R-Precision and Precision@1 need
 the ranks of its first R positives, and only those ranks that are at most R. So instead of a
 1000-deep neighbour list we compute, per query, how many *negatives* precede each positive: scores
-are computed tile by tile (a matrix product), and a fused kernel drops every negative that lies
-beyond the last positive still able to count, bins the rest between the sorted positive distances,
-and adds them to a small histogram. A query whose nearest positive is already known to rank past
-every cap needs no more work, and later tiles skip it. Memory stays bounded by one tile, never
-N x N.
+are computed tile by tile (a float32 matrix product), and a fused kernel drops every negative that
+lies beyond the last positive still able to count, bins the rest between the sorted positive
+distances, and adds them to a small histogram. A query whose nearest positive is already known to
+rank past every cap needs no more work, and later tiles skip it. Memory stays bounded by one tile,
+never N x N.
 
-Order: by squared Euclidean distance; ties are broken by reference index, the order a stable sort
-gives. Two scores count as tied when they agree to float32 rounding (``TIE_TOLERANCE`` relative to
-the squared norms involved): positive and negative scores come from different matrix products, and
-exact duplicates must still be ordered the same way every time. Excluded references (the query itself, references in the query's group) are neither
-positives nor negatives.
+Order: by exact squared Euclidean distance, ties broken by reference index (the order a stable sort
+gives). The float32 tile scores decide every comparison they can decide safely; a negative whose
+score lies within float32 rounding (``TIE_TOLERANCE``) of a positive's is compared again with
+distances recomputed in float64, by the same code for positives and negatives, so exact duplicates
+are real ties and near-ties are ordered correctly. Excluded references (the query itself,
+references in the query's group) are neither positives nor negatives.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ _BLOCK_BYTES = 64 * 2**20
 _MIN_QUERY_BLOCK = 16
 _MAX_QUERY_BLOCK = 1024
 NO_GROUP = -1
-#: Scores closer than this times (|q| + max |r|)^2 are ties (float32 accumulation error is ~1e-7).
-TIE_TOLERANCE = 5e-7
+#: float32 scores closer than this times (|q| + max |r|)^2 are re-compared in float64. It only has
+#: to exceed float32 accumulation error (~1e-7 relative); larger costs time, never correctness.
+TIE_TOLERANCE = 2e-6
 
 
 @dataclass(frozen=True)
@@ -49,21 +51,50 @@ class PositiveRanks:
     rank_cap: int
 
 
-def _numba_kernel():
+@dataclass(frozen=True)
+class _TileKernel:
+    """``pair_distances(a, b)``: float64 squared distances of row pairs; ``count_tile``: see below.
+
+    Both must compute float64 distances with the same code, so duplicates tie exactly.
+    """
+
+    pair_distances: object
+    count_tile: object
+
+
+def _numba_kernel() -> _TileKernel | None:
     try:
         import numba
     except ImportError:
         return None
 
+    @numba.njit(inline="always")
+    def sqdist64(a, b):
+        total = 0.0
+        for k in range(a.shape[0]):
+            diff = np.float64(a[k]) - np.float64(b[k])
+            total += diff * diff
+        return total
+
+    @numba.njit(parallel=True, cache=True)
+    def pair_distances(a, b):
+        out = np.empty(a.shape[0], np.float64)
+        for i in numba.prange(a.shape[0]):
+            out[i] = sqdist64(a[i], b[i])
+        return out
+
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def count_tile(scores, thresholds, threshold_refs, tolerance, caps, active_len, row_label, col_label, row_group, col_group, col_offset, hist):
+    def count_tile(
+        scores, q_vectors, r_vectors, thr32, thr64, thr_refs, tolerance, caps, active_len,
+        row_label, col_label, row_group, col_group, col_offset, hist,
+    ):
         rows, cols = scores.shape
         for i in numba.prange(rows):
             length = active_len[i]
             if length == 0:
                 continue
             tol = tolerance[i]
-            last = thresholds[i, length - 1] + tol
+            last = thr32[i, length - 1] + tol
             label = row_label[i]
             group = row_group[i]
             # Negatives before the last tracked positive; once that positive's rank passes its cap
@@ -83,13 +114,17 @@ def _numba_kernel():
                 hi = length
                 while lo < hi:  # first positive this negative certainly precedes
                     mid = (lo + hi) >> 1
-                    if thresholds[i, mid] > value + tol:
+                    if thr32[i, mid] > value + tol:
                         hi = mid
                     else:
                         lo = mid + 1
-                ref = col_offset + c
-                while lo > 0 and thresholds[i, lo - 1] >= value - tol and ref < threshold_refs[i, lo - 1]:
-                    lo -= 1  # a tie, and the negative has the lower index
+                if lo > 0 and thr32[i, lo - 1] >= value - tol:  # too close to call in float32
+                    exact = sqdist64(q_vectors[i], r_vectors[c])
+                    ref = col_offset + c
+                    while lo > 0 and thr32[i, lo - 1] >= value - tol and (
+                        thr64[i, lo - 1] > exact or (thr64[i, lo - 1] == exact and ref < thr_refs[i, lo - 1])
+                    ):
+                        lo -= 1
                 hist[i, lo] += 1
                 if lo < length:
                     before_last += 1
@@ -98,31 +133,25 @@ def _numba_kernel():
                         before_last -= hist[i, length]
                     if length == 0:
                         break
-                    last = thresholds[i, length - 1] + tol
+                    last = thr32[i, length - 1] + tol
             active_len[i] = length
 
-    return count_tile
+    return _TileKernel(pair_distances=pair_distances, count_tile=count_tile)
 
 
-_NUMBA_KERNEL = None
-_NUMBA_TRIED = False
+def _pair_distances_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ((a.astype(np.float64) - b.astype(np.float64)) ** 2).sum(1)
 
 
-def _get_numba_kernel():
-    global _NUMBA_KERNEL, _NUMBA_TRIED
-    if not _NUMBA_TRIED:
-        _NUMBA_TRIED = True
-        _NUMBA_KERNEL = _numba_kernel()
-    return _NUMBA_KERNEL
-
-
-def _count_tile_torch(scores, thresholds, threshold_refs, tolerance, caps, active_len, row_label, col_label, row_group, col_group, col_offset, hist):
-    """The same computation as the numba kernel, vectorised with torch (the fallback path)."""
-    rows, width = thresholds.shape
+def _count_tile_torch(
+    scores, q_vectors, r_vectors, thr32, thr64, thr_refs, tolerance, caps, active_len,
+    row_label, col_label, row_group, col_group, col_offset, hist,
+):
+    """The numba kernel's computation, vectorised with torch and numpy (the fallback path)."""
+    width = thr32.shape[1]
     scores_t = torch.from_numpy(scores)
-    positions = torch.arange(width)
     active = torch.from_numpy(active_len)
-    thr = torch.from_numpy(thresholds).masked_fill(positions[None, :] >= active[:, None], float("inf"))
+    thr = torch.from_numpy(thr32).masked_fill(torch.arange(width)[None, :] >= active[:, None], float("inf"))
     tol = torch.from_numpy(tolerance)
     last = torch.where(active > 0, thr.gather(1, (active - 1).clamp(min=0)[:, None])[:, 0] + tol, torch.tensor(-float("inf")))
     keep = scores_t <= last[:, None]
@@ -132,21 +161,30 @@ def _count_tile_torch(scores, thresholds, threshold_refs, tolerance, caps, activ
             (torch.from_numpy(col_group)[None, :] == torch.from_numpy(row_group)[:, None])
             & (torch.from_numpy(row_group)[:, None] != NO_GROUP)
         )
-    row_idx, col_idx = torch.nonzero(keep, as_tuple=True)
-    values = scores_t[row_idx, col_idx]
-    row_tol = tol[row_idx]
-    bucket = torch.searchsorted(thr[row_idx], (values + row_tol)[:, None], right=True)[:, 0]
-    # Ties with a positive's score: the lower reference index comes first.
-    thr_refs = torch.from_numpy(threshold_refs)
-    refs = col_idx + col_offset
-    while True:
-        prev = (bucket - 1).clamp(min=0)
-        move = (bucket > 0) & (thr[row_idx, prev] >= values - row_tol) & (refs < thr_refs[row_idx, prev])
-        if not move.any():
-            break
-        bucket = bucket - move.long()
-    flat = torch.from_numpy(hist).view(-1)
-    flat.index_add_(0, row_idx * hist.shape[1] + bucket, torch.ones_like(bucket))
+    row_idx, col_idx = (t.numpy() for t in torch.nonzero(keep, as_tuple=True))
+    values = scores[row_idx, col_idx]
+    row_tol = tolerance[row_idx]
+    thr_np = thr.numpy()
+    bucket = np.empty(len(row_idx), np.int64)
+    for row in np.unique(row_idx):  # searchsorted per row: thresholds differ by row
+        sel = row_idx == row
+        bucket[sel] = np.searchsorted(thr_np[row], values[sel] + row_tol[sel], side="right")
+    prev = np.maximum(bucket - 1, 0)
+    close = (bucket > 0) & (thr_np[row_idx, prev] >= values - row_tol)
+    if close.any():
+        rows_c, cols_c, b = row_idx[close], col_idx[close], bucket[close]
+        exact = _pair_distances_numpy(q_vectors[rows_c], r_vectors[cols_c])
+        refs = cols_c + col_offset
+        while True:
+            p = np.maximum(b - 1, 0)
+            move = (b > 0) & (thr_np[rows_c, p] >= values[close] - row_tol[close]) & (
+                (thr64[rows_c, p] > exact) | ((thr64[rows_c, p] == exact) & (refs < thr_refs[rows_c, p]))
+            )
+            if not move.any():
+                break
+            b = b - move
+        bucket[close] = b
+    np.add.at(hist, (row_idx, bucket), 1)
     # Positive j (0-based) ranks j + 1 + (negatives before it); keep the prefix still under its cap.
     position = np.arange(1, width + 1)
     ranks = position[None, :] + np.cumsum(hist[:, :width], axis=1)
@@ -154,8 +192,20 @@ def _count_tile_torch(scores, thresholds, threshold_refs, tolerance, caps, activ
     active_len[:] = np.where(stop.any(1), stop.argmax(1), width)
 
 
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    return (x * x).sum(1)
+_NUMBA: list = []  # the compiled kernel, built on first use (or [None] where numba is missing)
+
+
+def _select_kernel(kernel: str) -> _TileKernel:
+    if kernel not in ("auto", "numba", "torch"):
+        raise ValueError(f"kernel must be auto, numba or torch, got {kernel!r}")
+    if kernel != "torch":
+        if not _NUMBA:
+            _NUMBA.append(_numba_kernel())
+        if _NUMBA[0] is not None:
+            return _NUMBA[0]
+        if kernel == "numba":
+            raise ImportError("numba is not installed")
+    return _TileKernel(pair_distances=_pair_distances_numpy, count_tile=_count_tile_torch)
 
 
 def positive_ranks(
@@ -175,43 +225,42 @@ def positive_ranks(
     ``query_self_index[i]`` is the row of query i inside ``references`` (leave-one-out), or -1.
     ``kernel``: "numba", "torch" or "auto" (numba when it imports).
     """
-    count_tile = {"numba": _get_numba_kernel, "torch": lambda: _count_tile_torch, "auto": _get_numba_kernel}[kernel]()
-    if count_tile is None:
-        if kernel == "numba":
-            raise ImportError("numba is not installed")
-        count_tile = _count_tile_torch
-
-    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    r_all = torch.from_numpy(np.ascontiguousarray(references, dtype=np.float32))
+    tile_kernel = _select_kernel(kernel)
+    q_np = np.ascontiguousarray(queries, dtype=np.float32)
+    r_np = np.ascontiguousarray(references, dtype=np.float32)
+    q_all, r_all = torch.from_numpy(q_np), torch.from_numpy(r_np)
     q_labels = np.ascontiguousarray(query_labels, dtype=np.int64)
     r_labels = np.ascontiguousarray(reference_labels, dtype=np.int64)
-    num_queries, num_refs = len(q_all), len(r_all)
+    num_queries, num_refs = len(q_np), len(r_np)
     self_index = np.full(num_queries, -1, np.int64) if query_self_index is None else np.asarray(query_self_index, np.int64)
-    q_groups = np.full(num_queries, NO_GROUP, np.int64) if query_groups is None else np.asarray(query_groups, np.int64)
-    r_groups = np.full(num_refs, NO_GROUP - 1, np.int64) if reference_groups is None else np.asarray(reference_groups, np.int64)
+    use_groups = query_groups is not None and reference_groups is not None
+    q_groups = np.asarray(query_groups, np.int64) if use_groups else np.full(num_queries, NO_GROUP, np.int64)
+    r_groups = np.asarray(reference_groups, np.int64) if use_groups else np.full(num_refs, NO_GROUP - 1, np.int64)
 
     # Reference indices grouped by class, ascending inside each class (stable sort).
     order = np.argsort(r_labels, kind="stable")
     class_values, class_starts, class_sizes = np.unique(r_labels[order], return_index=True, return_counts=True)
-    r_sqnorm = _squared_norms(r_all)
+    r_sqnorm = (r_all * r_all).sum(1)
+    q_sqnorm64 = (q_np.astype(np.float64) ** 2).sum(1)
     r_max_norm = float(r_sqnorm.max().sqrt()) if num_refs else 0.0
-    q_tolerance = (TIE_TOLERANCE * (_squared_norms(q_all).sqrt() + r_max_norm) ** 2).numpy().astype(np.float32)
+    q_tolerance = (TIE_TOLERANCE * (np.sqrt(q_sqnorm64) + r_max_norm) ** 2).astype(np.float32)
 
     num_positives = np.zeros(num_queries, np.int64)
     first_rank = np.zeros(num_queries, np.int64)
     ap_at_r = np.zeros(num_queries, np.float64)
     r_precision = np.zeros(num_queries, np.float64)
 
-    where = np.searchsorted(class_values, q_labels).clip(max=max(len(class_values) - 1, 0))
-    has_class = (class_values[where] == q_labels) if len(class_values) else np.zeros(num_queries, bool)
-    sizes = np.where(has_class, class_sizes[where] if len(class_values) else 0, 0)
+    if len(class_values):
+        where = np.searchsorted(class_values, q_labels).clip(max=len(class_values) - 1)
+        sizes = np.where(class_values[where] == q_labels, class_sizes[where], 0)
+    else:
+        where = sizes = np.zeros(num_queries, np.int64)
     widest = int(sizes.max(initial=0))
-    block = int(np.clip(_BLOCK_BYTES // (4 * max(REFERENCE_TILE, widest * (q_all.shape[1] + 4))), _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCK))
+    block = int(np.clip(_BLOCK_BYTES // (4 * max(REFERENCE_TILE, widest * (q_np.shape[1] + 8))), _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCK))
     tile_buffer = torch.empty(block * min(REFERENCE_TILE, max(num_refs, 1)), dtype=torch.float32)
 
     for start in range(0, num_queries, block):
-        stop = min(start + block, num_queries)
-        rows = np.arange(start, stop)
+        rows = np.arange(start, min(start + block, num_queries))
         width = int(sizes[rows].max(initial=0))
         if width == 0:
             continue
@@ -221,44 +270,46 @@ def positive_ranks(
         slots = np.where(valid, class_starts[where[rows]][:, None] + offsets[None, :], 0)
         pos_refs = np.where(valid, order[slots], -1)
         valid &= pos_refs != self_index[rows][:, None]
-        if query_groups is not None and reference_groups is not None:
+        if use_groups:
             valid &= r_groups[pos_refs.clip(min=0)] != q_groups[rows][:, None]
         counts = valid.sum(1)
         num_positives[rows] = counts
 
-        # Positive scores ||r||^2 - 2 q.r (||q||^2 is the same for a whole row), sorted; +inf pads.
-        q_block = q_all[rows]
-        gathered = r_all[torch.from_numpy(pos_refs.clip(min=0))]
-        pos_scores = r_sqnorm[torch.from_numpy(pos_refs.clip(min=0))] - 2.0 * torch.einsum("bd,bpd->bp", q_block, gathered)
-        pos_scores.masked_fill_(torch.from_numpy(~valid), float("inf"))
-        # Candidates are already in ascending reference order, so a stable sort breaks ties by index.
-        pos_scores, perm = torch.sort(pos_scores, dim=1, stable=True)
-        thresholds = np.ascontiguousarray(pos_scores.numpy())
-        threshold_refs = np.ascontiguousarray(np.take_along_axis(pos_refs, perm.numpy(), 1))
-        del gathered
+        # Exact (float64) positive distances, sorted by (distance, index): candidates are in
+        # ascending reference order, so a stable sort breaks ties by index. +inf pads.
+        thr64 = np.full((len(rows), width), np.inf)
+        pair_rows, pair_cols = np.nonzero(valid)
+        thr64[pair_rows, pair_cols] = tile_kernel.pair_distances(q_np[rows[pair_rows]], r_np[pos_refs[pair_rows, pair_cols]])
+        perm = np.argsort(thr64, axis=1, kind="stable")
+        thr64 = np.ascontiguousarray(np.take_along_axis(thr64, perm, 1))
+        thr_refs = np.ascontiguousarray(np.take_along_axis(pos_refs, perm, 1))
+        # The same thresholds in the tiles' units (||r||^2 - 2 q.r, i.e. without ||q||^2).
+        thr32 = (thr64 - q_sqnorm64[rows][:, None]).astype(np.float32)
 
-        caps = np.full((len(rows), width), 0, np.int64)
+        caps = np.empty((len(rows), width), np.int64)
         caps[:] = counts[:, None]
         caps[:, 0] = np.maximum(counts, rank_cap)
         hist = np.zeros((len(rows), width + 1), np.int64)
         active_len = counts.copy()
-        row_labels = q_labels[rows]
-        row_groups = q_groups[rows]
-        position = np.arange(1, width + 1)
+        q_block = q_all[rows]
+        row_labels, row_groups, row_tolerance = q_labels[rows], q_groups[rows], q_tolerance[rows]
 
-        row_tolerance = q_tolerance[rows]
         for col in range(0, num_refs, REFERENCE_TILE):
             live = np.flatnonzero(active_len > 0)
             if len(live) == 0:
                 break
             col_end = min(col + REFERENCE_TILE, num_refs)
             tile = tile_buffer[: len(live) * (col_end - col)].view(len(live), col_end - col)
-            torch.addmm(r_sqnorm[col:col_end].expand(len(live), -1), q_block[torch.from_numpy(live)], r_all[col:col_end].T, alpha=-2.0, out=tile)
+            live_queries = q_block[torch.from_numpy(live)]
+            torch.addmm(r_sqnorm[col:col_end].expand(len(live), -1), live_queries, r_all[col:col_end].T, alpha=-2.0, out=tile)
             live_hist, live_len = hist[live], active_len[live]  # copies, written back below
-            count_tile(
+            tile_kernel.count_tile(
                 tile.numpy(),
-                thresholds[live],
-                threshold_refs[live],
+                live_queries.numpy(),
+                r_np[col:col_end],
+                thr32[live],
+                thr64[live],
+                thr_refs[live],
                 row_tolerance[live],
                 caps[live],
                 live_len,
@@ -271,9 +322,9 @@ def positive_ranks(
             )
             hist[live], active_len[live] = live_hist, live_len
 
+        position = np.arange(1, width + 1)
         ranks = position[None, :] + np.cumsum(hist[:, :width], axis=1)
-        ok = counts > 0
-        first_rank[rows] = np.where(ok, np.where(active_len > 0, ranks[:, 0], rank_cap + 1), 0)
+        first_rank[rows] = np.where(counts > 0, np.where(active_len > 0, ranks[:, 0], rank_cap + 1), 0)
         usable = (position[None, :] <= active_len[:, None]) & (ranks <= counts[:, None])
         safe_counts = np.maximum(counts, 1)
         ap_at_r[rows] = np.where(usable, position[None, :] / ranks, 0.0).sum(1) / safe_counts
