@@ -17,6 +17,9 @@ from dcml.errors import UserError
 
 #: k-means iterations when a caller does not say (faiss's and pytorch-metric-learning's NMI use 20).
 DEFAULT_KMEANS_ITERATIONS = 20
+#: k-means seed when a caller does not say: faiss's own default, so NMI matches other faiss-based
+#: tools (pytorch-metric-learning) computed on the same embeddings.
+DEFAULT_KMEANS_SEED = 1234
 #: Rows of queries per block in the torch kNN, so memory stays bounded for any N.
 _TORCH_QUERY_BLOCK = 2048
 
@@ -36,8 +39,8 @@ class SearchBackend(Protocol):
         """Return (squared distances, indices), each (len(queries), k), nearest first."""
         ...
 
-    def kmeans(self, x: np.ndarray, k: int, *, iterations: int = DEFAULT_KMEANS_ITERATIONS, seed: int = 0) -> KMeansResult:
-        """Lloyd's k-means with k-means++-free random initialisation from ``seed``."""
+    def kmeans(self, x: np.ndarray, k: int, *, iterations: int = DEFAULT_KMEANS_ITERATIONS, seed: int = DEFAULT_KMEANS_SEED) -> KMeansResult:
+        """Lloyd's k-means, initialised with k random points drawn with ``seed``."""
         ...
 
 
@@ -59,7 +62,7 @@ class FaissBackend:
         distances, indices = index.search(_as_float32(queries), k)
         return distances, indices.astype(np.int64)
 
-    def kmeans(self, x, k, *, iterations=DEFAULT_KMEANS_ITERATIONS, seed=0):
+    def kmeans(self, x, k, *, iterations=DEFAULT_KMEANS_ITERATIONS, seed=DEFAULT_KMEANS_SEED):
         x = _as_float32(x)
         kmeans = self._faiss.Kmeans(
             x.shape[1],
@@ -109,7 +112,7 @@ class TorchBackend:
             parts.append(self._sqdist(x[start : start + _TORCH_QUERY_BLOCK], centroids, c_sqnorm).argmin(1))
         return torch.cat(parts)
 
-    def kmeans(self, x, k, *, iterations=DEFAULT_KMEANS_ITERATIONS, seed=0):
+    def kmeans(self, x, k, *, iterations=DEFAULT_KMEANS_ITERATIONS, seed=DEFAULT_KMEANS_SEED):
         torch = self._torch
         points = torch.from_numpy(_as_float32(x))
         generator = torch.Generator().manual_seed(seed)

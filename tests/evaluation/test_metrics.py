@@ -39,13 +39,17 @@ def assert_same(got, expected):
         assert got[key] == pytest.approx(value, abs=1e-12), key
 
 
-@pytest.fixture(params=[False, True], ids=["one-tile", "many-tiles"])
+@pytest.fixture(params=["one-tile", "many-tiles", "blocks-only"])
 def tiles(request, monkeypatch):
-    """Also run everything with tiny tiles and blocks, so tiling and early stopping are exercised."""
-    if request.param:
+    """Also run everything with tiny tiles and blocks (tiling, early stopping, the transposed pass
+    over several column chunks), and with the symmetric leave-one-out path switched off."""
+    if request.param == "many-tiles":
         monkeypatch.setattr(ranks_module, "REFERENCE_TILE", 13)
         monkeypatch.setattr(ranks_module, "_MAX_QUERY_BLOCK", 9)
         monkeypatch.setattr(ranks_module, "_MIN_QUERY_BLOCK", 9)
+        monkeypatch.setattr(ranks_module, "SYMMETRIC_BLOCK", 70)  # > one 64-column chunk
+    if request.param == "blocks-only":
+        monkeypatch.setattr(ranks_module, "_SYMMETRIC_STATE_BYTES", 0)
     return request.param
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcml.backends import DEFAULT_KMEANS_SEED
 from dcml.errors import UserError
 
 DEFAULT_KS = "1,2,4,8"
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ks", default=DEFAULT_KS, help="comma-separated K values for Recall@K (default: %(default)s)")
     parser.add_argument("--no-nmi", action="store_true", help="skip NMI (its k-means is the slowest part)")
     parser.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"), help="k-means backend for NMI")
-    parser.add_argument("--seed", type=int, default=0, help="k-means seed for NMI (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_KMEANS_SEED, help="k-means seed for NMI (default: %(default)s, faiss's own)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=_run)
 

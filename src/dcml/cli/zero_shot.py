@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dcml.backends import DEFAULT_KMEANS_SEED
 from dcml.cli.embed import DEFAULT_BACKBONE
 
 
@@ -28,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="test resolution (default: the backbone's)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of NMI's k-means and VehicleID's galleries")
+    parser.add_argument("--seed", type=int, default=DEFAULT_KMEANS_SEED, help="seed of NMI's k-means and VehicleID's galleries (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.set_defaults(handler=_run)

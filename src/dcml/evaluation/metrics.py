@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcml.backends import DEFAULT_KMEANS_ITERATIONS, get_backend
+from dcml.backends import DEFAULT_KMEANS_ITERATIONS, DEFAULT_KMEANS_SEED, get_backend
 from dcml.errors import UserError
 from dcml.evaluation.ranks import PositiveRanks, positive_ranks
 
@@ -159,7 +159,7 @@ def nmi(
     *,
     backend: str = "auto",
     iterations: int = DEFAULT_KMEANS_ITERATIONS,
-    seed: int = 0,
+    seed: int = DEFAULT_KMEANS_SEED,
 ) -> float:
     """k-means with as many clusters as classes, scored by NMI against the labels."""
     embeddings, labels = _validate(embeddings, labels)
@@ -180,7 +180,7 @@ def evaluate_embeddings(
     with_nmi: bool = True,
     backend: str = "auto",
     kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS,
-    seed: int = 0,
+    seed: int = DEFAULT_KMEANS_SEED,
 ) -> dict[str, float | int]:
     """The full suite: Recall@K, P@1, R-Precision, MAP@R and (over all rows) NMI."""
     result = retrieval_metrics(embeddings, labels, ks=ks, query_mask=query_mask, groups=groups)

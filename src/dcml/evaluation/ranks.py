@@ -24,13 +24,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dcml.evaluation.constants import NO_GROUP
+
 #: Reference columns per tile (small enough that finished queries drop out early); query rows per
 #: block adapt so a block's buffers stay near 64 MB.
 REFERENCE_TILE = 4096
 _BLOCK_BYTES = 64 * 2**20
 _MIN_QUERY_BLOCK = 16
 _MAX_QUERY_BLOCK = 1024
-NO_GROUP = -1
+#: Square tiles of the symmetric (leave-one-out) path, and the most memory its per-query state
+#: may take before the general path is used instead (many huge classes).
+SYMMETRIC_BLOCK = 2048
+_PAIR_CHUNK = 65536  # positive pairs per chunk when the numpy fallback computes exact distances
+_SYMMETRIC_STATE_BYTES = 512 * 2**20
 #: float32 scores closer than this times (|q| + max |r|)^2 are re-compared in float64. It only has
 #: to exceed float32 accumulation error (~1e-7 relative); larger costs time, never correctness.
 TIE_TOLERANCE = 2e-6
@@ -53,143 +59,75 @@ class PositiveRanks:
 
 @dataclass(frozen=True)
 class _TileKernel:
-    """``pair_distances(a, b)``: float64 squared distances of row pairs; ``count_tile``: see below.
-
-    Both must compute float64 distances with the same code, so duplicates tie exactly.
-    """
+    """``pair_distances(a, b)``: float64 squared distances of row pairs. ``count_rows`` bins a
+    tile's negatives for the queries on its rows; ``count_cols`` (None: unavailable) for the
+    queries on its columns. Float64 distances must come from the same code everywhere, so
+    duplicates tie exactly."""
 
     pair_distances: object
-    count_tile: object
+    count_rows: object
+    count_cols: object = None
 
 
 def _numba_kernel() -> _TileKernel | None:
     try:
-        import numba
+        from dcml.evaluation import _numba_kernels as compiled
     except ImportError:
         return None
-
-    @numba.njit(inline="always")
-    def sqdist64(a, b):
-        total = 0.0
-        for k in range(a.shape[0]):
-            diff = np.float64(a[k]) - np.float64(b[k])
-            total += diff * diff
-        return total
-
-    @numba.njit(parallel=True, cache=True)
-    def pair_distances(a, b):
-        out = np.empty(a.shape[0], np.float64)
-        for i in numba.prange(a.shape[0]):
-            out[i] = sqdist64(a[i], b[i])
-        return out
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def count_tile(
-        scores, q_vectors, r_vectors, thr32, thr64, thr_refs, tolerance, caps, active_len,
-        row_label, col_label, row_group, col_group, col_offset, hist,
-    ):
-        rows, cols = scores.shape
-        for i in numba.prange(rows):
-            length = active_len[i]
-            if length == 0:
-                continue
-            tol = tolerance[i]
-            last = thr32[i, length - 1] + tol
-            label = row_label[i]
-            group = row_group[i]
-            # Negatives before the last tracked positive; once that positive's rank passes its cap
-            # it can no longer count, so stop tracking it (and, at zero, stop reading this row).
-            before_last = 0
-            for b in range(length):
-                before_last += hist[i, b]
-            for c in range(cols):
-                value = scores[i, c]
-                if value > last:
-                    continue
-                if col_label[c] == label:  # a positive, an excluded positive, or the query itself
-                    continue
-                if group != NO_GROUP and col_group[c] == group:
-                    continue
-                lo = 0
-                hi = length
-                while lo < hi:  # first positive this negative certainly precedes
-                    mid = (lo + hi) >> 1
-                    if thr32[i, mid] > value + tol:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                if lo > 0 and thr32[i, lo - 1] >= value - tol:  # too close to call in float32
-                    exact = sqdist64(q_vectors[i], r_vectors[c])
-                    ref = col_offset + c
-                    while lo > 0 and thr32[i, lo - 1] >= value - tol and (
-                        thr64[i, lo - 1] > exact or (thr64[i, lo - 1] == exact and ref < thr_refs[i, lo - 1])
-                    ):
-                        lo -= 1
-                hist[i, lo] += 1
-                if lo < length:
-                    before_last += 1
-                    while length > 0 and length + before_last > caps[i, length - 1]:
-                        length -= 1
-                        before_last -= hist[i, length]
-                    if length == 0:
-                        break
-                    last = thr32[i, length - 1] + tol
-            active_len[i] = length
-
-    return _TileKernel(pair_distances=pair_distances, count_tile=count_tile)
+    return _TileKernel(pair_distances=compiled.pair_distances, count_rows=compiled.count_rows, count_cols=compiled.count_cols)
 
 
-def _pair_distances_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return ((a.astype(np.float64) - b.astype(np.float64)) ** 2).sum(1)
+def _pair_distances_numpy(a: np.ndarray, b: np.ndarray, a_rows: np.ndarray, b_rows: np.ndarray) -> np.ndarray:
+    out = np.empty(len(a_rows), np.float64)
+    for start in range(0, len(a_rows), _PAIR_CHUNK):  # bounded memory for the gathered rows
+        rows = slice(start, start + _PAIR_CHUNK)
+        out[rows] = ((a[a_rows[rows]].astype(np.float64) - b[b_rows[rows]].astype(np.float64)) ** 2).sum(1)
+    return out
 
 
-def _count_tile_torch(
-    scores, q_vectors, r_vectors, thr32, thr64, thr_refs, tolerance, caps, active_len,
-    row_label, col_label, row_group, col_group, col_offset, hist,
+def _count_rows_torch(
+    dots, rows, row_vectors, row_label, row_group, col_offset, col_vectors, col_sqnorm, col_label, col_group,
+    thr32, thr64, thr_refs, tolerance, caps, active_len, hist,
 ):
-    """The numba kernel's computation, vectorised with torch and numpy (the fallback path)."""
+    """The numba ``count_rows``, vectorised with torch and numpy (the fallback path)."""
     width = thr32.shape[1]
-    scores_t = torch.from_numpy(scores)
-    active = torch.from_numpy(active_len)
-    thr = torch.from_numpy(thr32).masked_fill(torch.arange(width)[None, :] >= active[:, None], float("inf"))
-    tol = torch.from_numpy(tolerance)
-    last = torch.where(active > 0, thr.gather(1, (active - 1).clamp(min=0)[:, None])[:, 0] + tol, torch.tensor(-float("inf")))
-    keep = scores_t <= last[:, None]
+    t32, t64, t_refs, t_caps = thr32[rows], thr64[rows], thr_refs[rows], caps[rows]
+    tol, lengths, counts = tolerance[rows], active_len[rows].copy(), hist[rows].copy()
+    scores = col_sqnorm[None, :] - 2.0 * dots
+    thr = np.where(np.arange(width)[None, :] >= lengths[:, None], np.float32(np.inf), t32)
+    last = np.where(lengths > 0, thr[np.arange(len(rows)), np.maximum(lengths - 1, 0)] + tol, -np.inf)
+    keep = torch.from_numpy(scores <= last[:, None])
     keep &= torch.from_numpy(col_label)[None, :] != torch.from_numpy(row_label)[:, None]
     if (row_group != NO_GROUP).any():
-        keep &= ~(
-            (torch.from_numpy(col_group)[None, :] == torch.from_numpy(row_group)[:, None])
-            & (torch.from_numpy(row_group)[:, None] != NO_GROUP)
-        )
+        same_group = torch.from_numpy(col_group)[None, :] == torch.from_numpy(row_group)[:, None]
+        keep &= ~(same_group & torch.from_numpy(row_group != NO_GROUP)[:, None])
     row_idx, col_idx = (t.numpy() for t in torch.nonzero(keep, as_tuple=True))
-    values = scores[row_idx, col_idx]
-    row_tol = tolerance[row_idx]
-    thr_np = thr.numpy()
+    values, row_tol = scores[row_idx, col_idx], tol[row_idx]
     bucket = np.empty(len(row_idx), np.int64)
-    for row in np.unique(row_idx):  # searchsorted per row: thresholds differ by row
+    for row in np.unique(row_idx):  # thresholds differ by row
         sel = row_idx == row
-        bucket[sel] = np.searchsorted(thr_np[row], values[sel] + row_tol[sel], side="right")
-    prev = np.maximum(bucket - 1, 0)
-    close = (bucket > 0) & (thr_np[row_idx, prev] >= values - row_tol)
-    if close.any():
-        rows_c, cols_c, b = row_idx[close], col_idx[close], bucket[close]
-        exact = _pair_distances_numpy(q_vectors[rows_c], r_vectors[cols_c])
-        refs = cols_c + col_offset
+        bucket[sel] = np.searchsorted(thr[row], values[sel] + row_tol[sel], side="right")
+    close = (bucket > 0) & (thr[row_idx, np.maximum(bucket - 1, 0)] >= values - row_tol)
+    if close.any():  # too close to call in float32: compare exact distances
+        r, c, b = row_idx[close], col_idx[close], bucket[close]
+        exact = _pair_distances_numpy(row_vectors, col_vectors, r, c)
+        refs = c + col_offset
         while True:
             p = np.maximum(b - 1, 0)
-            move = (b > 0) & (thr_np[rows_c, p] >= values[close] - row_tol[close]) & (
-                (thr64[rows_c, p] > exact) | ((thr64[rows_c, p] == exact) & (refs < thr_refs[rows_c, p]))
+            move = (b > 0) & (thr[r, p] >= values[close] - row_tol[close]) & (
+                (t64[r, p] > exact) | ((t64[r, p] == exact) & (refs < t_refs[r, p]))
             )
             if not move.any():
                 break
             b = b - move
         bucket[close] = b
-    np.add.at(hist, (row_idx, bucket), 1)
+    np.add.at(counts, (row_idx, bucket), 1)
     # Positive j (0-based) ranks j + 1 + (negatives before it); keep the prefix still under its cap.
     position = np.arange(1, width + 1)
-    ranks = position[None, :] + np.cumsum(hist[:, :width], axis=1)
-    stop = (ranks > caps) | (position[None, :] > active_len[:, None])
-    active_len[:] = np.where(stop.any(1), stop.argmax(1), width)
+    ranks = position[None, :] + np.cumsum(counts[:, :width], axis=1)
+    stop = (ranks > t_caps) | (position[None, :] > lengths[:, None])
+    hist[rows] = counts
+    active_len[rows] = np.where(stop.any(1), stop.argmax(1), width)
 
 
 _NUMBA: list = []  # the compiled kernel, built on first use (or [None] where numba is missing)
@@ -205,7 +143,171 @@ def _select_kernel(kernel: str) -> _TileKernel:
             return _NUMBA[0]
         if kernel == "numba":
             raise ImportError("numba is not installed")
-    return _TileKernel(pair_distances=_pair_distances_numpy, count_tile=_count_tile_torch)
+    return _TileKernel(pair_distances=_pair_distances_numpy, count_rows=_count_rows_torch)
+
+
+@dataclass
+class _QueryState:
+    """Per query (one row each): its sorted positives and the negatives binned between them so far."""
+
+    counts: np.ndarray  # R
+    thr32: np.ndarray  # positive distances minus ||q||^2, float32 (the tiles' units); +inf pads
+    thr64: np.ndarray  # exact positive distances, float64, ascending
+    thr_refs: np.ndarray  # reference index of each positive
+    caps: np.ndarray  # a positive's rank only matters up to this
+    tolerance: np.ndarray  # float32 scores closer than this to a threshold are re-compared exactly
+    hist: np.ndarray  # hist[q, j]: negatives before positive j and after positive j-1
+    active_len: np.ndarray  # positives still tracked (a prefix); 0 = the query is finished
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.__dataclass_fields__)
+
+
+class _Problem:
+    """Queries, references, labels, groups and the class index, prepared once."""
+
+    def __init__(self, queries, query_labels, references, reference_labels, query_self_index, query_groups, reference_groups, rank_cap, kernel):
+        self.kernel = kernel
+        self.rank_cap = rank_cap
+        self.q = np.ascontiguousarray(queries, dtype=np.float32)
+        self.r = np.ascontiguousarray(references, dtype=np.float32)
+        self.q_labels = np.ascontiguousarray(query_labels, dtype=np.int64)
+        self.r_labels = np.ascontiguousarray(reference_labels, dtype=np.int64)
+        n_q, n_r = len(self.q), len(self.r)
+        self.self_index = np.full(n_q, -1, np.int64) if query_self_index is None else np.asarray(query_self_index, np.int64)
+        self.use_groups = query_groups is not None and reference_groups is not None
+        self.q_groups = np.asarray(query_groups, np.int64) if self.use_groups else np.full(n_q, NO_GROUP, np.int64)
+        self.r_groups = np.asarray(reference_groups, np.int64) if self.use_groups else np.full(n_r, NO_GROUP - 1, np.int64)
+        self.r_sqnorm = (self.r.astype(np.float64) ** 2).sum(1).astype(np.float32)
+        self.q_torch = torch.from_numpy(self.q)
+        self.r_columns = torch.from_numpy(self.r).T.contiguous()  # (dims x refs): the fastest mm layout here
+        self.q_sqnorm64 = (self.q.astype(np.float64) ** 2).sum(1)
+        r_max_norm = float(np.sqrt(self.r_sqnorm.max())) if n_r else 0.0
+        self.tolerance = (TIE_TOLERANCE * (np.sqrt(self.q_sqnorm64) + r_max_norm) ** 2).astype(np.float32)
+        # Reference indices grouped by class, ascending inside each class (stable sort).
+        self.order = np.argsort(self.r_labels, kind="stable")
+        values, self.class_starts, sizes = np.unique(self.r_labels[self.order], return_index=True, return_counts=True)
+        if len(values):
+            self.where = np.searchsorted(values, self.q_labels).clip(max=len(values) - 1)
+            self.sizes = np.where(values[self.where] == self.q_labels, sizes[self.where], 0)
+        else:
+            self.where = self.sizes = np.zeros(n_q, np.int64)
+
+    def state(self, rows: np.ndarray) -> _QueryState:
+        """Sorted positives of the queries ``rows`` (exclusions applied), ready for binning."""
+        width = max(int(self.sizes[rows].max(initial=0)), 1)
+        offsets = np.arange(width)
+        valid = offsets[None, :] < self.sizes[rows][:, None]
+        slots = np.where(valid, self.class_starts[self.where[rows]][:, None] + offsets[None, :], 0)
+        pos_refs = np.where(valid, self.order[slots], -1)
+        valid &= pos_refs != self.self_index[rows][:, None]
+        if self.use_groups:
+            valid &= self.r_groups[pos_refs.clip(min=0)] != self.q_groups[rows][:, None]
+        counts = valid.sum(1)
+        # Exact distances sorted by (distance, index): candidates are in ascending reference order,
+        # so a stable sort breaks ties by index.
+        thr64 = np.full((len(rows), width), np.inf)
+        pair_rows, pair_cols = np.nonzero(valid)
+        thr64[pair_rows, pair_cols] = self.kernel.pair_distances(self.q, self.r, rows[pair_rows], pos_refs[pair_rows, pair_cols])
+        perm = np.argsort(thr64, axis=1, kind="stable")
+        thr64 = np.ascontiguousarray(np.take_along_axis(thr64, perm, 1))
+        caps = np.empty((len(rows), width), np.int64)
+        caps[:] = counts[:, None]
+        caps[:, 0] = np.maximum(counts, self.rank_cap)
+        return _QueryState(
+            counts=counts,
+            thr32=(thr64 - self.q_sqnorm64[rows][:, None]).astype(np.float32),
+            thr64=thr64,
+            thr_refs=np.ascontiguousarray(np.take_along_axis(pos_refs, perm, 1)),
+            caps=caps,
+            tolerance=self.tolerance[rows],
+            hist=np.zeros((len(rows), width + 1), np.int64),
+            active_len=counts.copy(),
+        )
+
+    def dots(self, buffer: torch.Tensor, query_rows: np.ndarray | slice, ref_start: int, ref_end: int) -> np.ndarray:
+        """q.r for the given queries and a contiguous range of references, into ``buffer``.
+
+        torch's BLAS rather than numpy's: numpy's threads spin after a call and then fight the
+        kernels' threads for the cores (measured 2x slower overall on two cores).
+        """
+        queries = self.q_torch[query_rows] if isinstance(query_rows, slice) else self.q_torch[torch.from_numpy(query_rows)]
+        out = buffer[: len(queries) * (ref_end - ref_start)].view(len(queries), ref_end - ref_start)
+        torch.mm(queries, self.r_columns[:, ref_start:ref_end], out=out)
+        return out.numpy()
+
+    def count_rows(self, dots, state: _QueryState, state_rows: np.ndarray, query_rows: np.ndarray, ref_start: int, ref_end: int) -> None:
+        """Bin the negatives of a tile for the queries on its rows."""
+        refs = slice(ref_start, ref_end)
+        self.kernel.count_rows(
+            dots, state_rows, self.q[query_rows], self.q_labels[query_rows], self.q_groups[query_rows],
+            ref_start, self.r[refs], self.r_sqnorm[refs], self.r_labels[refs], self.r_groups[refs],
+            state.thr32, state.thr64, state.thr_refs, state.tolerance, state.caps, state.active_len, state.hist,
+        )
+
+    def count_cols(self, dots, state: _QueryState, query_start: int, query_end: int, ref_start: int, ref_end: int) -> None:
+        """Bin the negatives of a tile for the queries on its columns (symmetric problems only)."""
+        queries, refs = slice(query_start, query_end), slice(ref_start, ref_end)
+        self.kernel.count_cols(
+            dots, np.arange(query_start, query_end), self.q[queries], self.q_labels[queries], self.q_groups[queries],
+            ref_start, self.r[refs], self.r_sqnorm[refs], self.r_labels[refs], self.r_groups[refs],
+            state.thr32, state.thr64, state.thr_refs, state.tolerance, state.caps, state.active_len, state.hist,
+        )
+
+
+def _finish(state: _QueryState, rank_cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First-positive rank, AP@R and R-Precision from the binned counts."""
+    width = state.thr64.shape[1]
+    position = np.arange(1, width + 1)
+    ranks = position[None, :] + np.cumsum(state.hist[:, :width], axis=1)
+    counts, active = state.counts, state.active_len
+    first = np.where(counts > 0, np.where(active > 0, ranks[:, 0], rank_cap + 1), 0)
+    usable = (position[None, :] <= active[:, None]) & (ranks <= counts[:, None])
+    safe = np.maximum(counts, 1)
+    return first, np.where(usable, position[None, :] / ranks, 0.0).sum(1) / safe, usable.sum(1) / safe
+
+
+def _run_blocks(problem: _Problem, out: dict[str, np.ndarray]) -> None:
+    """General case: query blocks against reference tiles."""
+    n_q, n_r = len(problem.q), len(problem.r)
+    widest = int(problem.sizes.max(initial=1))
+    block = int(np.clip(_BLOCK_BYTES // (4 * max(REFERENCE_TILE, widest * (problem.q.shape[1] + 10))), _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCK))
+    buffer = torch.empty(block * min(REFERENCE_TILE, max(n_r, 1)), dtype=torch.float32)
+    for start in range(0, n_q, block):
+        rows = np.arange(start, min(start + block, n_q))
+        state = problem.state(rows)
+        for ref_start in range(0, n_r, REFERENCE_TILE):
+            live = np.flatnonzero(state.active_len > 0)
+            if len(live) == 0:
+                break
+            ref_end = min(ref_start + REFERENCE_TILE, n_r)
+            dots = problem.dots(buffer, rows[live], ref_start, ref_end)
+            problem.count_rows(dots, state, live, rows[live], ref_start, ref_end)
+        out["num_positives"][rows] = state.counts
+        out["first_rank"][rows], out["ap"][rows], out["r_precision"][rows] = _finish(state, problem.rank_cap)
+
+
+def _run_symmetric(problem: _Problem, state: _QueryState, out: dict[str, np.ndarray]) -> None:
+    """Leave-one-out: every product q.r is computed once and used by both of its points."""
+    n = len(problem.q)
+    buffer = torch.empty(SYMMETRIC_BLOCK * min(SYMMETRIC_BLOCK, n), dtype=torch.float32)
+    starts = range(0, n, SYMMETRIC_BLOCK)
+    for i_start in starts:
+        i_end = min(i_start + SYMMETRIC_BLOCK, n)
+        for j_start in starts[i_start // SYMMETRIC_BLOCK :]:
+            j_end = min(j_start + SYMMETRIC_BLOCK, n)
+            live_i = i_start + np.flatnonzero(state.active_len[i_start:i_end] > 0)
+            live_j = j_start + np.flatnonzero(state.active_len[j_start:j_end] > 0) if j_start != i_start else live_i[:0]
+            if len(live_i) and len(live_j):
+                dots = problem.dots(buffer, slice(i_start, i_end), j_start, j_end)
+                problem.count_rows(dots, state, np.arange(i_start, i_end), np.arange(i_start, i_end), j_start, j_end)
+                problem.count_cols(dots, state, j_start, j_end, i_start, i_end)
+            elif len(live_i):
+                problem.count_rows(problem.dots(buffer, live_i, j_start, j_end), state, live_i, live_i, j_start, j_end)
+            elif len(live_j):
+                problem.count_rows(problem.dots(buffer, live_j, i_start, i_end), state, live_j, live_j, i_start, i_end)
+    out["num_positives"][:] = state.counts
+    out["first_rank"][:], out["ap"][:], out["r_precision"][:] = _finish(state, problem.rank_cap)
 
 
 def positive_ranks(
@@ -223,117 +325,37 @@ def positive_ranks(
     """Rank every query's positives among ``references`` (see the module docstring).
 
     ``query_self_index[i]`` is the row of query i inside ``references`` (leave-one-out), or -1.
-    ``kernel``: "numba", "torch" or "auto" (numba when it imports).
+    When the queries are the references (the same arrays, each query its own index), the
+    problem is symmetric and each distance is computed once. ``kernel``: "numba", "torch" or
+    "auto" (numba when it imports).
     """
     tile_kernel = _select_kernel(kernel)
-    q_np = np.ascontiguousarray(queries, dtype=np.float32)
-    r_np = np.ascontiguousarray(references, dtype=np.float32)
-    q_all, r_all = torch.from_numpy(q_np), torch.from_numpy(r_np)
-    q_labels = np.ascontiguousarray(query_labels, dtype=np.int64)
-    r_labels = np.ascontiguousarray(reference_labels, dtype=np.int64)
-    num_queries, num_refs = len(q_np), len(r_np)
-    self_index = np.full(num_queries, -1, np.int64) if query_self_index is None else np.asarray(query_self_index, np.int64)
-    use_groups = query_groups is not None and reference_groups is not None
-    q_groups = np.asarray(query_groups, np.int64) if use_groups else np.full(num_queries, NO_GROUP, np.int64)
-    r_groups = np.asarray(reference_groups, np.int64) if use_groups else np.full(num_refs, NO_GROUP - 1, np.int64)
-
-    # Reference indices grouped by class, ascending inside each class (stable sort).
-    order = np.argsort(r_labels, kind="stable")
-    class_values, class_starts, class_sizes = np.unique(r_labels[order], return_index=True, return_counts=True)
-    r_sqnorm = (r_all * r_all).sum(1)
-    q_sqnorm64 = (q_np.astype(np.float64) ** 2).sum(1)
-    r_max_norm = float(r_sqnorm.max().sqrt()) if num_refs else 0.0
-    q_tolerance = (TIE_TOLERANCE * (np.sqrt(q_sqnorm64) + r_max_norm) ** 2).astype(np.float32)
-
-    num_positives = np.zeros(num_queries, np.int64)
-    first_rank = np.zeros(num_queries, np.int64)
-    ap_at_r = np.zeros(num_queries, np.float64)
-    r_precision = np.zeros(num_queries, np.float64)
-
-    if len(class_values):
-        where = np.searchsorted(class_values, q_labels).clip(max=len(class_values) - 1)
-        sizes = np.where(class_values[where] == q_labels, class_sizes[where], 0)
+    problem = _Problem(queries, query_labels, references, reference_labels, query_self_index, query_groups, reference_groups, rank_cap, tile_kernel)
+    n_q = len(problem.q)
+    out = {
+        "num_positives": np.zeros(n_q, np.int64),
+        "first_rank": np.zeros(n_q, np.int64),
+        "ap": np.zeros(n_q, np.float64),
+        "r_precision": np.zeros(n_q, np.float64),
+    }
+    symmetric = (
+        tile_kernel.count_cols is not None
+        and queries is references
+        and query_labels is reference_labels
+        and query_groups is reference_groups
+        and query_self_index is not None
+        and np.array_equal(problem.self_index, np.arange(n_q))
+    )
+    state = problem.state(np.arange(n_q)) if symmetric and n_q else None
+    if state is not None and state.nbytes() <= _SYMMETRIC_STATE_BYTES:
+        _run_symmetric(problem, state, out)
     else:
-        where = sizes = np.zeros(num_queries, np.int64)
-    widest = int(sizes.max(initial=0))
-    block = int(np.clip(_BLOCK_BYTES // (4 * max(REFERENCE_TILE, widest * (q_np.shape[1] + 8))), _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCK))
-    tile_buffer = torch.empty(block * min(REFERENCE_TILE, max(num_refs, 1)), dtype=torch.float32)
-
-    for start in range(0, num_queries, block):
-        rows = np.arange(start, min(start + block, num_queries))
-        width = int(sizes[rows].max(initial=0))
-        if width == 0:
-            continue
-        # Candidate positives (B x width), -1 padded, then exclusions (self, same group).
-        offsets = np.arange(width)
-        valid = offsets[None, :] < sizes[rows][:, None]
-        slots = np.where(valid, class_starts[where[rows]][:, None] + offsets[None, :], 0)
-        pos_refs = np.where(valid, order[slots], -1)
-        valid &= pos_refs != self_index[rows][:, None]
-        if use_groups:
-            valid &= r_groups[pos_refs.clip(min=0)] != q_groups[rows][:, None]
-        counts = valid.sum(1)
-        num_positives[rows] = counts
-
-        # Exact (float64) positive distances, sorted by (distance, index): candidates are in
-        # ascending reference order, so a stable sort breaks ties by index. +inf pads.
-        thr64 = np.full((len(rows), width), np.inf)
-        pair_rows, pair_cols = np.nonzero(valid)
-        thr64[pair_rows, pair_cols] = tile_kernel.pair_distances(q_np[rows[pair_rows]], r_np[pos_refs[pair_rows, pair_cols]])
-        perm = np.argsort(thr64, axis=1, kind="stable")
-        thr64 = np.ascontiguousarray(np.take_along_axis(thr64, perm, 1))
-        thr_refs = np.ascontiguousarray(np.take_along_axis(pos_refs, perm, 1))
-        # The same thresholds in the tiles' units (||r||^2 - 2 q.r, i.e. without ||q||^2).
-        thr32 = (thr64 - q_sqnorm64[rows][:, None]).astype(np.float32)
-
-        caps = np.empty((len(rows), width), np.int64)
-        caps[:] = counts[:, None]
-        caps[:, 0] = np.maximum(counts, rank_cap)
-        hist = np.zeros((len(rows), width + 1), np.int64)
-        active_len = counts.copy()
-        q_block = q_all[rows]
-        row_labels, row_groups, row_tolerance = q_labels[rows], q_groups[rows], q_tolerance[rows]
-
-        for col in range(0, num_refs, REFERENCE_TILE):
-            live = np.flatnonzero(active_len > 0)
-            if len(live) == 0:
-                break
-            col_end = min(col + REFERENCE_TILE, num_refs)
-            tile = tile_buffer[: len(live) * (col_end - col)].view(len(live), col_end - col)
-            live_queries = q_block[torch.from_numpy(live)]
-            torch.addmm(r_sqnorm[col:col_end].expand(len(live), -1), live_queries, r_all[col:col_end].T, alpha=-2.0, out=tile)
-            live_hist, live_len = hist[live], active_len[live]  # copies, written back below
-            tile_kernel.count_tile(
-                tile.numpy(),
-                live_queries.numpy(),
-                r_np[col:col_end],
-                thr32[live],
-                thr64[live],
-                thr_refs[live],
-                row_tolerance[live],
-                caps[live],
-                live_len,
-                row_labels[live],
-                r_labels[col:col_end],
-                row_groups[live],
-                r_groups[col:col_end],
-                col,
-                live_hist,
-            )
-            hist[live], active_len[live] = live_hist, live_len
-
-        position = np.arange(1, width + 1)
-        ranks = position[None, :] + np.cumsum(hist[:, :width], axis=1)
-        first_rank[rows] = np.where(counts > 0, np.where(active_len > 0, ranks[:, 0], rank_cap + 1), 0)
-        usable = (position[None, :] <= active_len[:, None]) & (ranks <= counts[:, None])
-        safe_counts = np.maximum(counts, 1)
-        ap_at_r[rows] = np.where(usable, position[None, :] / ranks, 0.0).sum(1) / safe_counts
-        r_precision[rows] = usable.sum(1) / safe_counts
-
+        del state
+        _run_blocks(problem, out)
     return PositiveRanks(
-        num_positives=num_positives,
-        first_rank=first_rank,
-        average_precision_at_r=ap_at_r,
-        r_precision=r_precision,
+        num_positives=out["num_positives"],
+        first_rank=out["first_rank"],
+        average_precision_at_r=out["ap"],
+        r_precision=out["r_precision"],
         rank_cap=rank_cap,
     )

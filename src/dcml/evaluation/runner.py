@@ -10,6 +10,8 @@ from typing import Callable
 
 import numpy as np
 
+from dcml.backends import DEFAULT_KMEANS_SEED
+
 from dcml.data.records import Dataset, Protocol, Split
 from dcml.evaluation.metrics import evaluate_embeddings
 from dcml.evaluation.protocols import leave_one_out_and_cross_group, vehicleid_leave_one_out, vehicleid_standard
@@ -28,7 +30,7 @@ def evaluate_dataset(
     *,
     split: str | None = None,
     with_nmi: bool = True,
-    seed: int = 0,
+    seed: int = DEFAULT_KMEANS_SEED,
 ) -> dict[str, Metrics]:
     """Metrics rows named by protocol, e.g. {"leave_one_out": M, "cross_vendor": M}.
 
