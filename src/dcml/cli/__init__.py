@@ -28,20 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_warning(message, category, filename, lineno, line=None):  # noqa: ARG001
-    return f"warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = _format_warning
-    try:
-        result = args.handler(args)
-    except UserError as error:
-        print(f"dcml: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print("dcml: interrupted", file=sys.stderr)
-        return 130
+    # Warnings (a dataset holding fewer images than the official split, ...) are one line each.
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            result = args.handler(args)
+        except UserError as error:
+            print(f"dcml: error: {error}", file=sys.stderr)
+            return error.exit_code
+        except KeyboardInterrupt:
+            print("dcml: interrupted", file=sys.stderr)
+            return 130
     return int(result or 0)

@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import secrets
-import warnings
 from pathlib import Path
 
+from dcml.cli.arguments import non_negative_int, positive_int
+
 DEFAULT_BACKBONE = "efficientnet_lite0"  # real ImageNet weights that ship with a pip package: works offline
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -53,11 +31,11 @@ def register(subparsers) -> None:
                        help="backbone: efficientnet_lite0, resnet18, resnet50 (default: %(default)s; an unknown name lists all)")
     embed.add_argument("--weights", type=Path, default=None, metavar="PATH",
                        help="load the backbone's weights from this state dict / checkpoint instead of the default ImageNet ones")
-    embed.add_argument("--image-size", type=_positive_int, default=None, metavar="N",
+    embed.add_argument("--image-size", type=positive_int, default=None, metavar="N",
                        help="square input resolution: resize the short side to N*256/224, centre-crop N "
                        "(default: the backbone's, 224; the emoji images are 64 px)")
-    embed.add_argument("--batch-size", type=_positive_int, default=64, metavar="B", help="images per forward pass (default: %(default)s)")
-    embed.add_argument("--workers", type=_non_negative_int, default=0, metavar="W", help="image-loading worker processes (default: %(default)s)")
+    embed.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="images per forward pass (default: %(default)s)")
+    embed.add_argument("--workers", type=non_negative_int, default=0, metavar="W", help="image-loading worker processes (default: %(default)s)")
     embed.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                        help="L2-normalise each embedding (default: on)")
@@ -80,58 +58,19 @@ def _check_outputs(paths: list[Path]) -> None:
             raise UserError(f"cannot write {path}: it is a directory")
 
 
-def save_npy_atomic(arrays: dict[Path, "np.ndarray"]) -> None:  # noqa: F821
-    """Write each array to its path via a temporary file in the same directory and os.replace.
-
-    All temporaries are written before any is moved into place; on any failure (or Ctrl-C) they are
-    removed, so no destination ever holds a half-written file.
-    """
-    import numpy as np
-
-    from dcml.errors import UserError
-
-    temporaries: list[tuple[str, Path]] = []
-    try:
-        for path, array in arrays.items():
-            path = path.expanduser()
-            # Not tempfile.mkstemp: its files are private (0600); open(..., "xb") honours the umask.
-            tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-            stream = open(tmp, "xb")  # noqa: SIM115 - closed by the with below
-            temporaries.append((tmp, path))
-            with stream:
-                np.save(stream, array, allow_pickle=False)
-                stream.flush()
-                os.fsync(stream.fileno())
-        while temporaries:
-            tmp, path = temporaries[0]
-            os.replace(tmp, path)
-            temporaries.pop(0)
-    except OSError as error:
-        raise UserError(f"cannot write {error.filename or 'output'}: {error.strerror or error}") from None
-    finally:
-        for tmp, _ in temporaries:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dcml.data import load_dataset
     from dcml.embedding import extract_embeddings
     from dcml.errors import UserError
+    from dcml.io import save_npy_atomically
     from dcml.models.backbones import create_backbone
 
     outputs = [p for p in (args.out, args.labels_out, args.groups_out) if p is not None]
     _check_outputs(outputs)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = load_dataset(args.dataset, args.root)
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    dataset = load_dataset(args.dataset, args.root)
     split = dataset.split(args.split)
     if split.num_images == 0:
         raise UserError(f"split {args.split!r} of dataset {args.dataset!r} has no images")
@@ -162,7 +101,7 @@ def _embed(args: argparse.Namespace) -> int:
         arrays[args.labels_out] = labels
     if args.groups_out is not None:
         arrays[args.groups_out] = np.asarray(split.groups, dtype=np.int64)
-    save_npy_atomic(arrays)
+    save_npy_atomically(arrays)
     size = args.image_size or backbone.input_size
     print(
         f"embedded {embeddings.shape[0]} images of {args.dataset}/{args.split} with {args.backbone} at {size} px "

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from dcml.backends import DEFAULT_KMEANS_SEED
+from dcml.cli.arguments import non_negative_int, positive_int
 from dcml.cli.embed import DEFAULT_BACKBONE
 
 
@@ -26,32 +25,20 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default=None, help="evaluate this split instead of the protocol's test data")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name (default: %(default)s)")
     parser.add_argument("--weights", type=Path, default=None, help="load backbone weights from this file")
-    parser.add_argument("--image-size", type=int, default=None, help="test resolution (default: the backbone's)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--image-size", type=positive_int, default=None, help="test resolution (default: the backbone's)")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     parser.add_argument("--seed", type=int, default=DEFAULT_KMEANS_SEED, help="seed of NMI's k-means and VehicleID's galleries (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.set_defaults(handler=_run)
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    """Write to a temp file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _run(args: argparse.Namespace) -> int:
     from dcml.data import load_dataset
     from dcml.embedding import extract_embeddings
     from dcml.evaluation.runner import evaluate_dataset, format_table
+    from dcml.io import save_json_atomically
     from dcml.models.backbones import create_backbone
 
     start = time.perf_counter()
@@ -68,7 +55,7 @@ def _run(args: argparse.Namespace) -> int:
     size = args.image_size or backbone.input_size
     payload = {"dataset": dataset.name, "backbone": args.backbone, "image_size": size, "seconds": seconds, "metrics": rows}
     if args.out is not None:
-        write_json_atomically(args.out, payload)
+        save_json_atomically(args.out, payload)
     if args.json:
         print(json.dumps(payload))
         return 0
