@@ -182,10 +182,6 @@ def _resnet_weights(tmp_path):
 
 
 def test_cli_on_a_folder_dataset(tmp_path):
-    from dcml.data.registry import available_datasets
-
-    if "folder" not in available_datasets():
-        pytest.skip("the folder dataset reader is not available")
     root = tmp_path / "shop"
     for split, classes in (("train", ("a", "b")), ("test", ("c", "d"))):
         for k, name in enumerate(classes):

@@ -6,6 +6,7 @@ training later) pass ``embed(split) -> (N x D array)`` and get named rows of met
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -22,6 +23,15 @@ Metrics = dict[str, float | int]
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _usable_ks(ks: tuple[int, ...], num_references: int) -> tuple[int, ...]:
+    """The protocol's Ks that the reference set can answer; a small user dataset drops the rest."""
+    usable = tuple(k for k in ks if k <= num_references)
+    if len(usable) < len(ks):
+        dropped = ", ".join(str(k) for k in ks if k > num_references)
+        warnings.warn(f"Recall@{dropped} skipped: only {num_references} references per query", stacklevel=3)
+    return usable or (1,)
 
 
 def evaluate_dataset(
@@ -42,12 +52,14 @@ def evaluate_dataset(
     ks = spec.recall_ks
     if split is not None or spec.protocol in (Protocol.LEAVE_ONE_OUT, Protocol.CROSS_GROUP):
         chosen = dataset.split(split or spec.splits[0])
+        ks = _usable_ks(ks, chosen.num_images - 1)
         x = _normalise(embed(chosen))
         if chosen.groups is not None:
             return leave_one_out_and_cross_group(x, chosen.labels, chosen.groups, ks=ks, with_nmi=with_nmi, seed=seed)
         return {"leave_one_out": evaluate_embeddings(x, chosen.labels, ks=ks, with_nmi=with_nmi, seed=seed)}
     if spec.protocol is Protocol.QUERY_GALLERY:
         query, gallery = (dataset.split(name) for name in spec.splits)
+        ks = _usable_ks(ks, gallery.num_images)
         x = _normalise(np.concatenate([embed(query), embed(gallery)]))
         labels = np.concatenate([query.labels, gallery.labels])
         mask = np.zeros(len(labels), dtype=bool)
@@ -57,6 +69,7 @@ def evaluate_dataset(
         rows: dict[str, Metrics] = {}
         for name in spec.splits:
             test = dataset.split(name)
+            ks = _usable_ks(spec.recall_ks, len(np.unique(test.labels)))  # the gallery: one image per vehicle
             x = _normalise(embed(test))
             rows[f"{name}/standard"] = vehicleid_standard(x, test.labels, ks=ks, seed=seed)
             rows[f"{name}/leave_one_out"] = vehicleid_leave_one_out(x, test.labels, ks=ks)
@@ -66,6 +79,7 @@ def evaluate_dataset(
 
 def format_table(rows: dict[str, Metrics], ks: tuple[int, ...]) -> str:
     """A plain-text table: one line per row, Recall@K, MAP@R, R-Precision, NMI (in %)."""
+    ks = tuple(k for k in ks if any(f"recall@{k}" in metrics for metrics in rows.values()))
     columns = [f"recall@{k}" for k in ks] + ["map@r", "r_precision", "nmi"]
     headers = [f"R@{k}" for k in ks] + ["MAP@R", "R-Prec", "NMI"]
     width = max(len(name) for name in rows) + 2
