@@ -79,3 +79,15 @@ def test_not_an_npy_file(arrays, capsys, tmp_path):
     bad.write_text("hello")
     code, _, err = run(capsys, "metrics", "--embeddings", bad, "--labels", arrays["l"])
     assert code == 2 and "cannot read" in err
+
+
+def test_plot_writes_a_png(arrays, capsys, tmp_path):
+    out = tmp_path / "plots" / "recall.png"
+    code, _, _ = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", arrays["l"], "--ks", "1,10,40", "--plot", out, "--no-nmi")
+    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["recall.png"]  # no temporaries left
+
+
+def test_plot_needs_png_or_pdf(arrays, capsys, tmp_path):
+    code, _, err = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", arrays["l"], "--plot", tmp_path / "r.gif")
+    assert code == 2 and ".png or .pdf" in err

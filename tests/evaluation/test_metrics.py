@@ -218,3 +218,15 @@ def test_evaluate_embeddings_has_every_key():
 def test_bad_input_is_a_user_error(embeddings, labels, kwargs, message):
     with pytest.raises(UserError, match=message):
         retrieval_metrics(embeddings, labels, **kwargs)
+
+
+def test_recall_curve_matches_recall_at_every_k():
+    from dcml.evaluation.metrics import recall_curve, retrieval_ranks
+
+    rng = np.random.default_rng(5)
+    x = grid_rows(rng, 90, 3)
+    labels = rng.integers(0, 9, 90)
+    curve = recall_curve(retrieval_ranks(x, labels, max_k=20))
+    reference = reference_retrieval(x, labels, tuple(range(1, 21)))
+    assert curve.shape == (20,)
+    np.testing.assert_allclose(curve, [reference[f"recall@{k}"] for k in range(1, 21)], atol=1e-12)

@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"), help="k-means backend for NMI")
     parser.add_argument("--seed", type=int, default=DEFAULT_KMEANS_SEED, help="k-means seed for NMI (default: %(default)s, faiss's own)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the Recall@K curve for K = 1..max(--ks) (.png or .pdf)")
     parser.set_defaults(handler=_run)
 
 
@@ -61,13 +62,16 @@ def load_array(path: Path, what: str) -> np.ndarray:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dcml.evaluation.metrics import NMI, evaluate_embeddings
+    from dcml.evaluation.metrics import NMI, evaluate_embeddings, recall_curve
 
     ks = parse_ks(args.ks)
     embeddings = load_array(args.embeddings, "embeddings")
     labels = load_array(args.labels, "labels")
     query_mask = load_array(args.query_mask, "query mask") if args.query_mask else None
     groups = load_array(args.groups, "groups") if args.groups else None
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf"):
+        raise UserError(f"--plot must name a .png or .pdf file, got {args.plot}")
+    ranks: list = []
     result = evaluate_embeddings(
         embeddings,
         labels,
@@ -77,13 +81,18 @@ def _run(args: argparse.Namespace) -> int:
         with_nmi=not args.no_nmi,
         backend=args.backend,
         seed=args.seed,
+        ranks_out=ranks,
     )
-    if args.json:
-        print(json.dumps(result))
-        return 0
     protocol = "query vs gallery" if query_mask is not None else "leave-one-out"
     if groups is not None:
         protocol += ", excluding the query's own group"
+    if args.plot is not None:
+        from dcml.plots import plot_recall_curves
+
+        plot_recall_curves({protocol: recall_curve(ranks[0])}, args.plot, title=f"Recall@K: {args.embeddings.name}")
+    if args.json:
+        print(json.dumps(result))
+        return 0
     print(f"{len(labels)} rows, {len(np.unique(labels))} classes, {protocol}")
     for key, value in result.items():
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcml.errors import UserError
+
 
 class Protocol(str, enum.Enum):
     """How a dataset's test data is evaluated (see method.md, "Evaluation protocols")."""
@@ -79,8 +81,6 @@ class Dataset:
     extra_info: dict = field(default_factory=dict)  # reader-specific facts for `dcml data info`
 
     def split(self, name: str) -> Split:
-        from dcml.errors import UserError
-
         if name not in self.splits:
             raise UserError(f"dataset {self.name!r} has no split {name!r}; choose one of: {', '.join(self.splits)}")
         return self.splits[name]

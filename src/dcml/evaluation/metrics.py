@@ -66,6 +66,69 @@ def summarize_ranks(ranks: PositiveRanks, ks: tuple[int, ...]) -> dict[str, floa
     return result
 
 
+def retrieval_ranks(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    max_k: int,
+    query_mask: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    kernel: str = "auto",
+) -> PositiveRanks:
+    """Validated input -> per-query positive ranks (exact up to ``max_k``), the source of every metric.
+
+    Without ``query_mask``: leave-one-out, every row queries all other rows. With it (boolean,
+    True = query): queries are searched against the non-query rows only. ``groups`` (one int per
+    row): references in the query's own group are ignored (the cross-vendor protocol, or the
+    same-camera rule of person re-identification).
+    """
+    embeddings, labels = _validate(embeddings, labels)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape or not np.issubdtype(groups.dtype, np.integer):
+            raise UserError(f"groups must be integers with one entry per row: got {groups.dtype} of shape {groups.shape}")
+    if query_mask is None:
+        num_refs = len(embeddings) - 1
+        if max_k > num_refs:
+            raise UserError(f"K={max_k} is larger than the reference set ({num_refs} other rows)")
+        return positive_ranks(
+            embeddings,
+            labels,
+            embeddings,
+            labels,
+            query_self_index=np.arange(len(embeddings)),
+            query_groups=groups,
+            reference_groups=groups,
+            rank_cap=max_k,
+            kernel=kernel,
+        )
+    query_mask = np.asarray(query_mask)
+    if query_mask.dtype != np.bool_ or query_mask.shape != labels.shape:
+        raise UserError(f"query mask must be boolean with one entry per row: got {query_mask.dtype} of shape {query_mask.shape}")
+    gallery = ~query_mask
+    if not query_mask.any():
+        raise UserError("query mask selects no queries")
+    if max_k > int(gallery.sum()):
+        raise UserError(f"K={max_k} is larger than the reference set ({int(gallery.sum())} non-query rows)")
+    return positive_ranks(
+        embeddings[query_mask],
+        labels[query_mask],
+        embeddings[gallery],
+        labels[gallery],
+        query_groups=None if groups is None else groups[query_mask],
+        reference_groups=None if groups is None else groups[gallery],
+        rank_cap=max_k,
+        kernel=kernel,
+    )
+
+
+def _check_ks(ks) -> tuple[int, ...]:
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks or ks[0] < 1:
+        raise UserError(f"every K must be a positive integer, got {ks}")
+    return ks
+
+
 def retrieval_metrics(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -75,56 +138,19 @@ def retrieval_metrics(
     groups: np.ndarray | None = None,
     kernel: str = "auto",
 ) -> dict[str, float | int]:
-    """Recall@K, Precision@1, R-Precision and MAP@R.
-
-    Without ``query_mask``: leave-one-out, every row queries all other rows. With it (boolean,
-    True = query): queries are searched against the non-query rows only. ``groups`` (one int per
-    row): references in the query's own group are ignored (the cross-vendor protocol, or the
-    same-camera rule of person re-identification).
-    """
-    embeddings, labels = _validate(embeddings, labels)
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks or ks[0] < 1:
-        raise UserError(f"every K must be a positive integer, got {ks}")
-    if groups is not None:
-        groups = np.asarray(groups)
-        if groups.shape != labels.shape or not np.issubdtype(groups.dtype, np.integer):
-            raise UserError(f"groups must be integers with one entry per row: got {groups.dtype} of shape {groups.shape}")
-    if query_mask is None:
-        num_refs = len(embeddings) - 1
-        if ks[-1] > num_refs:
-            raise UserError(f"K={ks[-1]} is larger than the reference set ({num_refs} other rows)")
-        ranks = positive_ranks(
-            embeddings,
-            labels,
-            embeddings,
-            labels,
-            query_self_index=np.arange(len(embeddings)),
-            query_groups=groups,
-            reference_groups=groups,
-            rank_cap=ks[-1],
-            kernel=kernel,
-        )
-        return summarize_ranks(ranks, ks)
-    query_mask = np.asarray(query_mask)
-    if query_mask.dtype != np.bool_ or query_mask.shape != labels.shape:
-        raise UserError(f"query mask must be boolean with one entry per row: got {query_mask.dtype} of shape {query_mask.shape}")
-    gallery = ~query_mask
-    if not query_mask.any():
-        raise UserError("query mask selects no queries")
-    if ks[-1] > int(gallery.sum()):
-        raise UserError(f"K={ks[-1]} is larger than the reference set ({int(gallery.sum())} non-query rows)")
-    ranks = positive_ranks(
-        embeddings[query_mask],
-        labels[query_mask],
-        embeddings[gallery],
-        labels[gallery],
-        query_groups=None if groups is None else groups[query_mask],
-        reference_groups=None if groups is None else groups[gallery],
-        rank_cap=ks[-1],
-        kernel=kernel,
-    )
+    """Recall@K, Precision@1, R-Precision and MAP@R (protocols as in :func:`retrieval_ranks`)."""
+    ks = _check_ks(ks)
+    ranks = retrieval_ranks(embeddings, labels, max_k=ks[-1], query_mask=query_mask, groups=groups, kernel=kernel)
     return summarize_ranks(ranks, ks)
+
+
+def recall_curve(ranks: PositiveRanks) -> np.ndarray:
+    """Recall@K for every K = 1..rank_cap at once (element K-1), from the nearest positives' ranks."""
+    kept = ranks.first_rank[ranks.num_positives > 0]
+    if len(kept) == 0:
+        return np.full(ranks.rank_cap, np.nan)
+    hits = np.bincount(np.minimum(kept, ranks.rank_cap + 1), minlength=ranks.rank_cap + 2)[1 : ranks.rank_cap + 1]
+    return np.cumsum(hits) / len(kept)
 
 
 def normalized_mutual_information(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
@@ -181,9 +207,17 @@ def evaluate_embeddings(
     backend: str = "auto",
     kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS,
     seed: int = DEFAULT_KMEANS_SEED,
+    ranks_out: list | None = None,
 ) -> dict[str, float | int]:
-    """The full suite: Recall@K, P@1, R-Precision, MAP@R and (over all rows) NMI."""
-    result = retrieval_metrics(embeddings, labels, ks=ks, query_mask=query_mask, groups=groups)
+    """The full suite: Recall@K, P@1, R-Precision, MAP@R and (over all rows) NMI.
+
+    ``ranks_out``: a list that receives the :class:`PositiveRanks` (e.g. for a Recall@K curve).
+    """
+    ks = _check_ks(ks)
+    ranks = retrieval_ranks(embeddings, labels, max_k=ks[-1], query_mask=query_mask, groups=groups)
+    if ranks_out is not None:
+        ranks_out.append(ranks)
+    result = summarize_ranks(ranks, ks)
     if with_nmi:
         result[NMI] = nmi(embeddings, labels, backend=backend, iterations=kmeans_iterations, seed=seed)
     return result
