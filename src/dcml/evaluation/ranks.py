@@ -298,13 +298,16 @@ def _run_symmetric(problem: _Problem, state: _QueryState, out: dict[str, np.ndar
             j_end = min(j_start + SYMMETRIC_BLOCK, n)
             live_i = i_start + np.flatnonzero(state.active_len[i_start:i_end] > 0)
             live_j = j_start + np.flatnonzero(state.active_len[j_start:j_end] > 0) if j_start != i_start else live_i[:0]
-            if len(live_i) and len(live_j):
+            if len(live_i) and len(live_j) and len(live_i) + len(live_j) >= i_end - i_start:
+                # Enough unfinished queries on both sides: one shared tile is the cheaper product.
                 dots = problem.dots(buffer, slice(i_start, i_end), j_start, j_end)
                 problem.count_rows(dots, state, np.arange(i_start, i_end), np.arange(i_start, i_end), j_start, j_end)
                 problem.count_cols(dots, state, j_start, j_end, i_start, i_end)
-            elif len(live_i):
+                continue
+            # Otherwise only the unfinished queries' rows (most queries of random-like data finish early).
+            if len(live_i):
                 problem.count_rows(problem.dots(buffer, live_i, j_start, j_end), state, live_i, live_i, j_start, j_end)
-            elif len(live_j):
+            if len(live_j):
                 problem.count_rows(problem.dots(buffer, live_j, i_start, i_end), state, live_j, live_j, i_start, i_end)
     out["num_positives"][:] = state.counts
     out["first_rank"][:], out["ap"][:], out["r_precision"][:] = _finish(state, problem.rank_cap)
