@@ -230,3 +230,20 @@ def test_recall_curve_matches_recall_at_every_k():
     reference = reference_retrieval(x, labels, tuple(range(1, 21)))
     assert curve.shape == (20,)
     np.testing.assert_allclose(curve, [reference[f"recall@{k}"] for k in range(1, 21)], atol=1e-12)
+
+
+@pytest.mark.parametrize("query_fraction", [None, 0.3])
+def test_memory_stays_bounded_not_n_squared(query_fraction):
+    import tracemalloc
+
+    rng = np.random.default_rng(11)
+    n = 6000  # an N x N float32 matrix would be 144 MB
+    x = unit_rows(rng, n, 8)
+    labels = rng.integers(0, 600, n)
+    mask = None if query_fraction is None else rng.random(n) < query_fraction
+    retrieval_metrics(x[:300], labels[:300], ks=(1,))  # compile outside the measurement
+    tracemalloc.start()
+    retrieval_metrics(x, labels, ks=(1, 10, 100), query_mask=mask)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 24 * 2**20, f"peak numpy allocation {peak / 2**20:.0f} MB"
