@@ -6,8 +6,9 @@ the ranks of its first R positives, and only those ranks that are at most R. So 
 are computed tile by tile (a float32 matrix product), and a fused kernel drops every negative that
 lies beyond the last positive still able to count, bins the rest between the sorted positive
 distances, and adds them to a small histogram. A query whose nearest positive is already known to
-rank past every cap needs no more work, and later tiles skip it. Memory stays bounded by one tile,
-never N x N.
+rank past every cap needs no more work, and later tiles skip it. Leave-one-out is symmetric, so
+there each product is computed once and binned for both of its points (a transposed pass over the
+same tile). Memory stays bounded by one tile plus a few numbers per query, never N x N.
 
 Order: by exact squared Euclidean distance, ties broken by reference index (the order a stable sort
 gives). The float32 tile scores decide every comparison they can decide safely; a negative whose
@@ -35,8 +36,8 @@ _MAX_QUERY_BLOCK = 1024
 #: Square tiles of the symmetric (leave-one-out) path, and the most memory its per-query state
 #: may take before the general path is used instead (many huge classes).
 SYMMETRIC_BLOCK = 2048
-_PAIR_CHUNK = 65536  # positive pairs per chunk when the numpy fallback computes exact distances
 _SYMMETRIC_STATE_BYTES = 512 * 2**20
+_PAIR_CHUNK = 65536  # positive pairs per chunk when the numpy fallback computes exact distances
 #: float32 scores closer than this times (|q| + max |r|)^2 are re-compared in float64. It only has
 #: to exceed float32 accumulation error (~1e-7 relative); larger costs time, never correctness.
 TIE_TOLERANCE = 2e-6
