@@ -90,6 +90,12 @@ def extract_embeddings(
     return np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32), np.concatenate(labels).astype(np.int64)
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero), as float32."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def _strip_exception_name(line: str, exception_type: type) -> str:
     """``"dcml.errors.DatasetError: cannot read x"`` -> ``"cannot read x"``."""
     head, sep, rest = line.partition(": ")

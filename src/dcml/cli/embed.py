@@ -62,7 +62,7 @@ def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dcml.data import load_dataset
-    from dcml.embedding import extract_embeddings
+    from dcml.embedding import extract_embeddings, l2_normalize
     from dcml.errors import UserError
     from dcml.io import save_npy_atomically
     from dcml.models.backbones import create_backbone
@@ -92,8 +92,7 @@ def _embed(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     if args.normalize:
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        embeddings = embeddings / np.maximum(norms, 1e-12)
+        embeddings = l2_normalize(embeddings)
     embeddings = embeddings.astype(np.float32, copy=False)
 
     arrays = {args.out: embeddings}

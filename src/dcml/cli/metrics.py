@@ -62,7 +62,7 @@ def load_array(path: Path, what: str) -> np.ndarray:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dcml.evaluation.metrics import NMI, evaluate_embeddings, recall_curve
+    from dcml.evaluation.metrics import NMI, evaluate_with_ranks, recall_curve
 
     ks = parse_ks(args.ks)
     embeddings = load_array(args.embeddings, "embeddings")
@@ -71,8 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     groups = load_array(args.groups, "groups") if args.groups else None
     if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf"):
         raise UserError(f"--plot must name a .png or .pdf file, got {args.plot}")
-    ranks: list = []
-    result = evaluate_embeddings(
+    result, ranks = evaluate_with_ranks(
         embeddings,
         labels,
         ks=ks,
@@ -81,7 +80,6 @@ def _run(args: argparse.Namespace) -> int:
         with_nmi=not args.no_nmi,
         backend=args.backend,
         seed=args.seed,
-        ranks_out=ranks,
     )
     protocol = "query vs gallery" if query_mask is not None else "leave-one-out"
     if groups is not None:
@@ -89,7 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from dcml.plots import plot_recall_curves
 
-        plot_recall_curves({protocol: recall_curve(ranks[0])}, args.plot, title=f"Recall@K: {args.embeddings.name}")
+        plot_recall_curves({protocol: recall_curve(ranks)}, args.plot, title=f"Recall@K: {args.embeddings.name}")
     if args.json:
         print(json.dumps(result))
         return 0

@@ -160,7 +160,8 @@ def normalized_mutual_information(labels_true: np.ndarray, labels_pred: np.ndarr
     n = len(labels_true)
     _, true_idx = np.unique(labels_true, return_inverse=True)
     _, pred_idx = np.unique(labels_pred, return_inverse=True)
-    pairs, joint = np.unique(true_idx.astype(np.int64) * (pred_idx.max() + 1) + pred_idx, return_counts=True)
+    num_pred = int(pred_idx.max()) + 1
+    pairs, joint = np.unique(true_idx.astype(np.int64) * num_pred + pred_idx, return_counts=True)
     true_counts = np.bincount(true_idx)
     pred_counts = np.bincount(pred_idx)
 
@@ -172,8 +173,7 @@ def normalized_mutual_information(labels_true: np.ndarray, labels_pred: np.ndarr
     if h_true == 0.0 and h_pred == 0.0:
         return 1.0
     joint_p = joint / n
-    t = pairs // (pred_idx.max() + 1)
-    p = pairs % (pred_idx.max() + 1)
+    t, p = np.divmod(pairs, num_pred)
     mutual = float((joint_p * np.log(joint_p * n * n / (true_counts[t] * pred_counts[p]))).sum())
     denominator = (h_true + h_pred) / 2
     return float(np.clip(mutual / denominator, 0.0, 1.0)) if denominator > 0 else 0.0
@@ -196,6 +196,27 @@ def nmi(
     return normalized_mutual_information(labels, assignment)
 
 
+def evaluate_with_ranks(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    ks: tuple[int, ...] = (1, 2, 4, 8),
+    query_mask: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    with_nmi: bool = True,
+    backend: str = "auto",
+    kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS,
+    seed: int = DEFAULT_KMEANS_SEED,
+) -> tuple[dict[str, float | int], PositiveRanks]:
+    """:func:`evaluate_embeddings`, also returning the ranks it was computed from (for curves)."""
+    ks = _check_ks(ks)
+    ranks = retrieval_ranks(embeddings, labels, max_k=ks[-1], query_mask=query_mask, groups=groups)
+    result = summarize_ranks(ranks, ks)
+    if with_nmi:
+        result[NMI] = nmi(embeddings, labels, backend=backend, iterations=kmeans_iterations, seed=seed)
+    return result, ranks
+
+
 def evaluate_embeddings(
     embeddings: np.ndarray,
     labels: np.ndarray,
@@ -207,17 +228,10 @@ def evaluate_embeddings(
     backend: str = "auto",
     kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS,
     seed: int = DEFAULT_KMEANS_SEED,
-    ranks_out: list | None = None,
 ) -> dict[str, float | int]:
-    """The full suite: Recall@K, P@1, R-Precision, MAP@R and (over all rows) NMI.
-
-    ``ranks_out``: a list that receives the :class:`PositiveRanks` (e.g. for a Recall@K curve).
-    """
-    ks = _check_ks(ks)
-    ranks = retrieval_ranks(embeddings, labels, max_k=ks[-1], query_mask=query_mask, groups=groups)
-    if ranks_out is not None:
-        ranks_out.append(ranks)
-    result = summarize_ranks(ranks, ks)
-    if with_nmi:
-        result[NMI] = nmi(embeddings, labels, backend=backend, iterations=kmeans_iterations, seed=seed)
+    """The full suite: Recall@K, P@1, R-Precision, MAP@R and (over all rows) NMI."""
+    result, _ = evaluate_with_ranks(
+        embeddings, labels, ks=ks, query_mask=query_mask, groups=groups, with_nmi=with_nmi,
+        backend=backend, kmeans_iterations=kmeans_iterations, seed=seed,
+    )
     return result

@@ -14,15 +14,12 @@ import numpy as np
 from dcml.backends import DEFAULT_KMEANS_SEED
 
 from dcml.data.records import Dataset, Protocol, Split
+from dcml.embedding import l2_normalize
 from dcml.evaluation.metrics import evaluate_embeddings
 from dcml.evaluation.protocols import leave_one_out_and_cross_group, vehicleid_leave_one_out, vehicleid_standard
 
 Embed = Callable[[Split], np.ndarray]
 Metrics = dict[str, float | int]
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _usable_ks(ks: tuple[int, ...], num_references: int) -> tuple[int, ...]:
@@ -53,14 +50,14 @@ def evaluate_dataset(
     if split is not None or spec.protocol in (Protocol.LEAVE_ONE_OUT, Protocol.CROSS_GROUP):
         chosen = dataset.split(split or spec.splits[0])
         ks = _usable_ks(ks, chosen.num_images - 1)
-        x = _normalise(embed(chosen))
+        x = l2_normalize(embed(chosen))
         if chosen.groups is not None:
             return leave_one_out_and_cross_group(x, chosen.labels, chosen.groups, ks=ks, with_nmi=with_nmi, seed=seed)
         return {"leave_one_out": evaluate_embeddings(x, chosen.labels, ks=ks, with_nmi=with_nmi, seed=seed)}
     if spec.protocol is Protocol.QUERY_GALLERY:
         query, gallery = (dataset.split(name) for name in spec.splits)
         ks = _usable_ks(ks, gallery.num_images)
-        x = _normalise(np.concatenate([embed(query), embed(gallery)]))
+        x = l2_normalize(np.concatenate([embed(query), embed(gallery)]))
         labels = np.concatenate([query.labels, gallery.labels])
         mask = np.zeros(len(labels), dtype=bool)
         mask[: query.num_images] = True
@@ -70,7 +67,7 @@ def evaluate_dataset(
         for name in spec.splits:
             test = dataset.split(name)
             ks = _usable_ks(spec.recall_ks, len(np.unique(test.labels)))  # the gallery: one image per vehicle
-            x = _normalise(embed(test))
+            x = l2_normalize(embed(test))
             rows[f"{name}/standard"] = vehicleid_standard(x, test.labels, ks=ks, seed=seed)
             rows[f"{name}/leave_one_out"] = vehicleid_leave_one_out(x, test.labels, ks=ks)
         return rows
