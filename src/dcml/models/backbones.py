@@ -61,8 +61,10 @@ class Backbone(nn.Module):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         ignore_keys: tuple[str, ...] = (),
+        units: Callable[[nn.Module], list[nn.Module]] | None = None,
     ):
         super().__init__()
+        self._units = units
         self.trunk = trunk
         self.name = name
         self.feature_dim = int(feature_dim)
@@ -74,6 +76,17 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.trunk(images)
+
+    def units(self) -> list[nn.Module]:
+        """The trunk as a sequence of modules (stem, blocks, head) whose composition, followed by
+        global average pooling, equals ``forward``. Lets a model train only the last few units."""
+        if self._units is None:
+            raise UserError(f"backbone {self.name!r} cannot be split into blocks; leave model.trainable_blocks unset")
+        return self._units(self.trunk)
+
+    @property
+    def num_units(self) -> int | None:
+        return None if self._units is None else len(self.units())
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, feature_dim={self.feature_dim}, input_size={self.input_size}"
@@ -247,10 +260,22 @@ def _efficientnet_lite0(pretrained: bool) -> Backbone:
         mean=INCEPTION_MEAN,
         std=INCEPTION_STD,
         ignore_keys=("_fc.",),
+        units=_efficientnet_units,
     )
     if pretrained:
         backbone.load_weights(efficientnet_lite0_weights_path())
     return backbone
+
+
+def _efficientnet_units(trunk: nn.Module) -> list[nn.Module]:
+    stem = nn.Sequential(trunk._conv_stem, trunk._bn0, trunk.activation)
+    head = nn.Sequential(trunk._conv_head, trunk._bn1, trunk.activation)
+    return [stem, *trunk._blocks, head]
+
+
+def _resnet_units(trunk: nn.Module) -> list[nn.Module]:
+    stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool)
+    return [stem, *trunk.layer1, *trunk.layer2, *trunk.layer3, *trunk.layer4]
 
 
 def efficientnet_lite0_weights_path() -> Path:
@@ -274,7 +299,7 @@ def _torchvision_resnet(name: str, pretrained: bool) -> Backbone:
     trunk = getattr(torchvision.models, name)(weights=None)
     feature_dim = trunk.fc.in_features
     trunk.fc = nn.Identity()  # forward: ... -> avgpool -> flatten -> (no classifier)
-    backbone = Backbone(trunk, name=name, feature_dim=feature_dim, input_size=224, ignore_keys=("fc.",))
+    backbone = Backbone(trunk, name=name, feature_dim=feature_dim, input_size=224, ignore_keys=("fc.",), units=_resnet_units)
     if pretrained:
         backbone.load_weights(cached_torchvision_weights(name))
     return backbone

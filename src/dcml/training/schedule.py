@@ -1,0 +1,77 @@
+"""The epoch-by-epoch plan of a run, computed from the configuration alone.
+
+One pure function decides, for every epoch, the phase (divide / conquer / finetune), whether the
+training set is re-clustered, how many learners are active, whether the backbone is frozen and the
+learning-rate scale, so the trainer, ``--dry-run`` and the tests all read the same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcml.config import TrainConfig
+
+DIVIDE, CONQUER, FINETUNE = "divide", "conquer", "finetune"
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    epoch: int
+    phase: str  # DIVIDE: loss on the batch's learner; CONQUER: full embedding, batches per cluster; FINETUNE: K = 1
+    recluster: bool
+    active_learners: int  # clusters (and learners) in use this epoch
+    backbone_frozen: bool
+    lr_scale: float
+
+
+def plan_schedule(config: TrainConfig) -> list[EpochPlan]:
+    s, c, o = config.schedule, config.clustering, config.optimizer
+    plans: list[EpochPlan] = []
+    active = 1 if c.hierarchical else c.learners
+    last_recluster = None
+    for epoch in range(s.epochs):
+        if s.finetune_epoch is not None and epoch >= s.finetune_epoch:
+            phase = FINETUNE
+        elif s.conquer_epoch is not None and epoch >= s.conquer_epoch:
+            phase = CONQUER
+        else:
+            phase = DIVIDE
+        if phase == FINETUNE:
+            recluster = epoch == s.finetune_epoch  # one cluster of everything, once
+            active = 1
+        else:
+            due = epoch % c.recluster_every == 0
+            recluster = epoch == 0 or (due and (phase == DIVIDE or c.recluster_after_conquer))
+            if recluster and c.hierarchical and epoch > 0 and active < c.learners:
+                active *= 2
+        if recluster:
+            last_recluster = epoch
+        frozen = (
+            s.freeze_backbone_after_recluster > 0
+            and last_recluster is not None
+            and epoch - last_recluster < s.freeze_backbone_after_recluster
+            and phase != FINETUNE
+        )
+        scale = o.lr_decay_factor ** (epoch // o.lr_decay_every) if o.lr_decay_every else 1.0
+        plans.append(EpochPlan(epoch, phase, recluster, active, frozen, scale))
+    return plans
+
+
+def describe_schedule(plans: list[EpochPlan]) -> str:
+    """Runs of equal epochs on one line each, e.g. ``epochs 0-1  divide  K=4  re-cluster at 0``."""
+    lines = []
+    start = 0
+    for i in range(1, len(plans) + 1):
+        if i == len(plans) or (plans[i].phase, plans[i].active_learners) != (plans[start].phase, plans[start].active_learners):
+            chunk = plans[start:i]
+            span = f"{chunk[0].epoch}" if len(chunk) == 1 else f"{chunk[0].epoch}-{chunk[-1].epoch}"
+            reclusters = [p.epoch for p in chunk if p.recluster]
+            frozen = [p.epoch for p in chunk if p.backbone_frozen]
+            line = f"epochs {span:<9} {chunk[0].phase:<8} learners={chunk[0].active_learners}"
+            if reclusters:
+                line += f"  re-cluster at {', '.join(map(str, reclusters))}"
+            if frozen:
+                line += f"  backbone frozen at {', '.join(map(str, frozen))}"
+            lines.append(line)
+            start = i
+    return "\n".join(lines)

@@ -1,0 +1,429 @@
+"""The training loop: dataset records -> cluster sampler -> model -> loss, epoch by epoch.
+
+Every epoch follows :func:`~dcml.training.schedule.plan_schedule`: re-cluster when planned
+(features of the training set with test-time transforms, k-means, Hungarian matching to the previous
+clusters), draw every batch from one cluster, apply the loss to that cluster's learner (divide) or
+to the full embedding (conquer / finetune), validate on the validation classes, checkpoint.
+Model selection uses the validation split only; the test report uses the selected epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcml.config import TrainConfig, validate_against_data
+from dcml.data.records import Dataset, Split
+from dcml.errors import UserError
+from dcml.io import write_atomically
+from dcml.training import checkpoint as ckpt
+from dcml.training.schedule import DIVIDE, FINETUNE, EpochPlan, plan_schedule
+
+LOG_FILE = "log.jsonl"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+#: Seeds of the per-epoch k-means: run seed x this + epoch, so epochs and runs never share one.
+KMEANS_SEED_STRIDE = 100_003
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda requested but no CUDA GPU is available (use device=cpu)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out ``fraction`` of the training classes (seeded) as a validation split."""
+    classes = np.unique(train.labels)
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(classes, size=max(2, round(fraction * len(classes))), replace=False).tolist())
+    mask = np.array([label in held for label in train.labels])
+
+    def take(name: str, keep: np.ndarray) -> Split:
+        groups = None if train.groups is None else train.groups[keep]
+        return Split(name, tuple(p for p, k in zip(train.paths, keep) if k), train.labels[keep], groups)
+
+    return take("train", ~mask), take("val", mask)
+
+
+def prepare_dataset(config: TrainConfig) -> Dataset:
+    """The dataset with a ``train`` and a ``val`` split (carved from train when it has none)."""
+    from dcml.data import load_dataset
+
+    dataset = load_dataset(config.data.dataset, Path(config.data.root).expanduser() if config.data.root else None)
+    train = dataset.split("train")
+    if "val" in dataset.splits:
+        return dataset
+    train, val = carve_validation(train, config.data.validation_fraction, config.seed)
+    return dataclasses.replace(dataset, splits={**dataset.splits, "train": train, "val": val})
+
+
+class Trainer:
+    """One training run. ``shared_inputs`` lets several runs in one process reuse cached features."""
+
+    def __init__(self, config: TrainConfig, out_dir: Path | None, *, progress: bool = True, echo=None,
+                 dataset: Dataset | None = None, shared_inputs: dict | None = None):
+        from dcml.losses import create_loss
+        from dcml.models.embedding_model import build_model
+
+        self.config = config
+        self.out_dir = None if out_dir is None else Path(out_dir).expanduser()
+        self.progress = progress
+        self.echo = echo if echo is not None else (lambda message: print(message, flush=True))
+        self.device = resolve_device(config.device)
+        seed_everything(config.seed)
+
+        self.dataset = dataset if dataset is not None else prepare_dataset(config)
+        self.train_split = self.dataset.split("train")
+        self.val_split = self.dataset.split("val")
+        self.class_ids, self.train_labels = np.unique(self.train_split.labels, return_inverse=True)
+        self.train_labels = self.train_labels.astype(np.int64)
+
+        self.model = build_model(config).to(self.device)
+        validate_against_data(config, len(self.class_ids), self.model.backbone.num_units)
+        self._check_selection_metric()
+
+        lo = config.loss
+        settings = {
+            "margin": {"alpha": lo.alpha, "beta": lo.beta, "nu": lo.nu, "beta_mode": lo.beta_mode},
+            "triplet": {"margin": lo.triplet_margin},
+            "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner, **lo.pml_kwargs},
+        }[lo.name]
+        self.loss = create_loss(lo.name, num_learners=config.clustering.learners, num_classes=len(self.class_ids), **settings).to(self.device)
+        self.optimizer = self._build_optimizer()
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.inputs = self._build_inputs(shared_inputs)
+
+        self.plans = plan_schedule(config)
+        self.active_learners = self.plans[0].active_learners  # how the full embedding is assembled now
+        self.clustering = None
+        self.start_epoch = 0
+        self.best_score = -np.inf
+        self.best_epoch: int | None = None
+        self.best_state: dict | None = None
+        self.best_val: dict | None = None
+        self.history: list[dict] = []
+        self.timings = {"train": 0.0, "recluster_features": 0.0, "kmeans": 0.0, "validation": 0.0}
+
+    # ------------------------------------------------------------------ setup
+    def _check_selection_metric(self) -> None:
+        row, _, metric = self.config.evaluation.selection_metric.partition("/")
+        rows = ("leave_one_out", "cross_vendor") if self.val_split.groups is not None else ("leave_one_out",)
+        if row not in rows or not metric:
+            raise UserError(
+                f"evaluation.selection_metric {self.config.evaluation.selection_metric!r}: validation gives rows "
+                f"{', '.join(rows)}; use e.g. {rows[-1]}/recall@1 or {rows[-1]}/map@r"
+            )
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o, m = self.config.optimizer, self.config.model
+        head = self.model.head
+        groups = [
+            {"name": "backbone", "params": self.model.backbone_parameters(), "lr": o.lr_backbone, "weight_decay": o.weight_decay},
+            {"name": "embedding", "params": list(head.linear.parameters()), "lr": o.lr_embedding, "weight_decay": o.weight_decay},
+        ]
+        if head.masks is not None:
+            groups.append({"name": "masks", "params": [head.masks], "lr": o.lr_embedding * m.mask_lr_multiplier, "weight_decay": 0.0})
+        betas = list(self.loss.learnable_parameters())
+        if betas:
+            groups.append({"name": "beta", "params": betas, "lr": o.lr_beta, "weight_decay": 0.0})
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.Adam(groups)
+
+    def input_cache_key(self) -> tuple:
+        d, m = self.config.data, self.config.model
+        return (d.dataset, d.root, d.image_size, m.backbone, m.pretrained, m.weights, m.trainable_blocks)
+
+    def _build_inputs(self, shared: dict | None):
+        from dcml.training.inputs import CachedInputs, ImageInputs
+
+        d = self.config.data
+        backbone = self.model.backbone
+        test_transform = backbone.test_transform(d.image_size)
+        if not d.cache_frozen_features:
+            if d.train_augmentation == "none":
+                train_transform = test_transform
+            else:
+                train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
+            return ImageInputs(train_transform, test_transform, d.num_workers, d.eval_batch_size, self.device)
+        key = self.input_cache_key()
+        if shared is not None and key in shared:
+            return shared[key]
+        splits = {"train": self.train_split, "val": self.val_split}
+        splits.update({name: self.dataset.split(name) for name in self.dataset.evaluation.splits})
+        inputs = CachedInputs.build(self.model, splits, test_transform, d.num_workers, d.eval_batch_size, self.device, self.progress)
+        if shared is not None:
+            shared[key] = inputs
+        return inputs
+
+    # ------------------------------------------------------------------ embedding
+    def embed(self, split: Split, space: str = "embedding", active_learners: int | None = None) -> np.ndarray:
+        """``space="embedding"``: the full embedding; ``"backbone"``: pooled backbone features."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        parts = []
+        try:
+            with torch.inference_mode():
+                for inputs, _ in self.inputs.eval_batches(split):
+                    inputs = inputs.to(self.device, non_blocking=True)
+                    if inputs.ndim == 4:
+                        inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    features = model.features(inputs, cached=self.inputs.cached)
+                    if space == "embedding":
+                        features = model.head.full_embedding(model.head(features), active_learners or self.active_learners)
+                    parts.append(features.float().cpu())
+        finally:
+            model.train(was_training)
+        return torch.cat(parts).numpy()
+
+    def evaluate(self, split: str | None = None, with_nmi: bool = True, space: str = "embedding") -> dict:
+        """Metrics rows of the dataset's protocol (``split=None``: the test data) for the current weights."""
+        from dcml.evaluation.runner import evaluate_dataset
+
+        return evaluate_dataset(self.dataset, lambda s: self.embed(s, space), split=split, with_nmi=with_nmi, seed=self.config.seed)
+
+    # ------------------------------------------------------------------ clustering
+    def recluster(self, plan: EpochPlan) -> None:
+        from dcml.clustering import cluster_training_set, split_clusters
+
+        c = self.config.clustering
+        previous = self.clustering
+        if plan.active_learners == 1:
+            dummy = np.zeros((len(self.train_labels), 1), dtype=np.float32)  # K = 1 needs no features
+            self.clustering = cluster_training_set(dummy, self.train_labels, 1, min_classes_per_cluster=c.min_classes_per_cluster)
+            return
+        start = time.perf_counter()
+        features = self.embed(self.train_split, c.space)
+        self.timings["recluster_features"] += time.perf_counter() - start
+        start = time.perf_counter()
+        options = dict(unit=c.unit, backend=c.backend, iterations=c.kmeans_iterations,
+                       seed=self.config.seed * KMEANS_SEED_STRIDE + plan.epoch, min_classes_per_cluster=c.min_classes_per_cluster)
+        if c.hierarchical and previous is not None and plan.active_learners == 2 * previous.num_clusters:
+            self.clustering = split_clusters(features, self.train_labels, previous.assignment, **options)
+        else:
+            same_k = previous is not None and previous.num_clusters == plan.active_learners
+            self.clustering = cluster_training_set(features, self.train_labels, plan.active_learners,
+                                                   previous=previous.assignment if same_k else None, **options)
+        self.timings["kmeans"] += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ one epoch
+    def _set_learning_rates(self, plan: EpochPlan) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * plan.lr_scale
+
+    def train_epoch(self, plan: EpochPlan) -> dict:
+        from tqdm import tqdm
+
+        from dcml.sampling import ClusterBatchSampler
+
+        s = self.config.sampler
+        sampler = ClusterBatchSampler(self.train_labels, self.clustering, classes_per_batch=s.classes_per_batch,
+                                      images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed)
+        sampler.set_epoch(plan.epoch)
+        self.model.train()
+        self.model.set_backbone_trainable(not plan.backbone_frozen)
+        head = self.model.head
+        mask_weight = self.config.model.mask_regularization if head.masks is not None and plan.phase == DIVIDE else 0.0
+        total, batches, images = 0.0, 0, 0
+        learner_losses = np.zeros(plan.active_learners)
+        learner_batches = np.zeros(plan.active_learners, dtype=np.int64)
+        bar = tqdm(total=len(sampler), unit="batch", desc=f"epoch {plan.epoch + 1}/{len(self.plans)} {plan.phase}",
+                   disable=not self.progress, leave=False)
+        with bar:
+            for inputs, labels, _, learner in self.inputs.train_batches(self.train_split, self.train_labels, sampler):
+                inputs = inputs.to(self.device, non_blocking=True)
+                if inputs.ndim == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                labels = labels.to(self.device)
+                raw = head(self.model.features(inputs, cached=self.inputs.cached))
+                if plan.phase == DIVIDE:
+                    embeddings = head.learner_embedding(raw, learner, plan.active_learners)
+                else:
+                    embeddings = head.full_embedding(raw, plan.active_learners)
+                loss_learner = 0 if plan.phase == FINETUNE else learner
+                loss = self.loss(embeddings, labels, learner=loss_learner)
+                if mask_weight:
+                    loss = loss + mask_weight * head.mask_similarity()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                value = float(loss.detach())
+                total += value
+                batches += 1
+                images += len(labels)
+                learner_losses[learner] += value
+                learner_batches[learner] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / batches:.4f}")
+        self.model.set_backbone_trainable(True)
+        return {
+            "loss": total / max(batches, 1),
+            "batches": batches,
+            "images": images,
+            "learner_loss": [float(l / n) if n else None for l, n in zip(learner_losses, learner_batches)],
+        }
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> dict:
+        run_start = time.perf_counter()
+        plans = self.plans
+        for plan in plans[self.start_epoch:]:
+            epoch_start = time.perf_counter()
+            self._set_learning_rates(plan)
+            self.active_learners = plan.active_learners
+            record: dict = {"epoch": plan.epoch, "phase": plan.phase, "learners": plan.active_learners,
+                            "backbone_frozen": plan.backbone_frozen, "lr_scale": plan.lr_scale}
+            if plan.recluster or self.clustering is None:
+                before = self.timings["recluster_features"] + self.timings["kmeans"]
+                self.recluster(plan)
+                record["recluster_seconds"] = self.timings["recluster_features"] + self.timings["kmeans"] - before
+                record["cluster_images"] = self.clustering.cluster_sizes().tolist()
+                record["cluster_classes"] = self.clustering.classes_per_cluster().tolist()
+            train_start = time.perf_counter()
+            record.update(self.train_epoch(plan))
+            self.timings["train"] += time.perf_counter() - train_start
+            is_last = plan.epoch == len(plans) - 1
+            if (plan.epoch + 1) % self.config.evaluation.every == 0 or is_last:
+                val_start = time.perf_counter()
+                rows = self.evaluate("val", with_nmi=self.config.evaluation.val_nmi)
+                self.timings["validation"] += time.perf_counter() - val_start
+                score = self._selection_score(rows)
+                record["val"] = rows
+                record["score"] = score
+                if score > self.best_score:
+                    self.best_score, self.best_epoch, self.best_val = score, plan.epoch, rows
+                    self.best_state = copy.deepcopy(self.model.state_dict())
+                    record["best"] = True
+                    self._save_best()
+            record["seconds"] = time.perf_counter() - epoch_start
+            self.history.append(record)
+            self._save_last(plan.epoch + 1)
+            self.echo(self._epoch_line(record))
+        return self.finish(time.perf_counter() - run_start)
+
+    def _selection_score(self, rows: dict) -> float:
+        row, _, metric = self.config.evaluation.selection_metric.partition("/")
+        if metric not in rows[row]:
+            raise UserError(f"evaluation.selection_metric {self.config.evaluation.selection_metric!r}: validation has no "
+                            f"metric {metric!r}; it has {', '.join(k for k in rows[row] if not k.startswith('num_'))}")
+        return float(rows[row][metric])
+
+    def _epoch_line(self, record: dict) -> str:
+        line = f"epoch {record['epoch'] + 1:>3}/{len(self.plans)}  {record['phase']:<8} K={record['learners']}  loss {record['loss']:.4f}"
+        if "score" in record:
+            line += f"  val {self.config.evaluation.selection_metric} {100 * record['score']:.2f}" + (" *" if record.get("best") else "")
+        if "cluster_images" in record and record["learners"] > 1:
+            line += f"  clusters {record['cluster_images']}"
+        return line + f"  {record['seconds']:.1f} s"
+
+    def finish(self, seconds: float) -> dict:
+        """Test the selected epoch's weights; write metrics.json."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test = self.evaluate(None, with_nmi=True)
+        total_recluster = self.timings["recluster_features"] + self.timings["kmeans"]
+        result = {
+            "dataset": self.dataset.name,
+            "selected_epoch": None if self.best_epoch is None else self.best_epoch + 1,
+            "selection_metric": self.config.evaluation.selection_metric,
+            "selection_score": self.best_score if self.best_epoch is not None else None,
+            "val": self.best_val,
+            "test": test,
+            "learners": self.config.clustering.learners,
+            "epochs": len(self.plans),
+            "seconds": seconds,
+            "timings": dict(self.timings),
+            "recluster_share": total_recluster / max(sum(self.timings[k] for k in ("train", "recluster_features", "kmeans")), 1e-9),
+        }
+        if self.out_dir is not None:
+            text = json.dumps(result, indent=2).encode()
+            write_atomically({self.out_dir / METRICS_FILE: lambda stream: stream.write(text)})
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, next_epoch: int) -> dict:
+        clustering = None
+        if self.clustering is not None:
+            clustering = {"assignment": self.clustering.assignment, "usable": self.clustering.usable,
+                          "num_clusters": self.clustering.num_clusters}
+        return {
+            "config": self.config.to_dict(),
+            "next_epoch": next_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss.state_dict(),
+            "clustering": clustering,
+            "active_learners": self.active_learners,
+            "best": {"score": self.best_score, "epoch": self.best_epoch, "val": self.best_val},
+            "history": self.history,
+            "timings": self.timings,
+            "rng": ckpt.rng_state(),
+        }
+
+    def _save_last(self, next_epoch: int) -> None:
+        if self.out_dir is None:
+            return
+        ckpt.save_checkpoint(self.out_dir / ckpt.LAST, self._state(next_epoch))
+        lines = "".join(json.dumps(record) + "\n" for record in self.history).encode()
+        write_atomically({self.out_dir / LOG_FILE: lambda stream: stream.write(lines)})
+
+    def _save_best(self) -> None:
+        if self.out_dir is None:
+            return
+        ckpt.save_checkpoint(self.out_dir / ckpt.BEST, {"config": self.config.to_dict(), "model": self.best_state,
+                                                        "epoch": self.best_epoch, "val": self.best_val,
+                                                        "active_learners": self.active_learners})
+
+    def resume(self, checkpoint: dict) -> None:
+        """Continue from a ``last.pt`` payload: weights, optimiser, betas, clusters, RNG, history."""
+        from dcml.clustering import Clustering
+
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.base_lrs = [self.base_lrs[i] for i in range(len(self.optimizer.param_groups))]
+        self.loss.load_state_dict(checkpoint["loss"])
+        if checkpoint["clustering"] is not None:
+            c = checkpoint["clustering"]
+            self.clustering = Clustering(assignment=np.asarray(c["assignment"]), usable=np.asarray(c["usable"]),
+                                         num_clusters=int(c["num_clusters"]), labels=self.train_labels)
+        best = checkpoint["best"]
+        self.best_score, self.best_epoch, self.best_val = best["score"], best["epoch"], best["val"]
+        if self.best_epoch is not None and self.out_dir is not None and (self.out_dir / ckpt.BEST).is_file():
+            self.best_state = ckpt.load_checkpoint(self.out_dir / ckpt.BEST)["model"]
+        self.history = list(checkpoint["history"])
+        self.timings = dict(checkpoint["timings"])
+        self.start_epoch = int(checkpoint["next_epoch"])
+        self.active_learners = int(checkpoint["active_learners"])
+        ckpt.restore_rng_state(checkpoint["rng"])
+
+
+def write_config(out_dir: Path, config: TrainConfig) -> None:
+    import yaml
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
+    write_atomically({Path(out_dir) / CONFIG_FILE: lambda stream: stream.write(text)})
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
