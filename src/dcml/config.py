@@ -238,6 +238,12 @@ def _coerce(hint, value, where: str):
             raise UserError(f"{where} must be an integer; got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # PyYAML reads "1e-3" (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where} must be a number; got {value!r}")
         return float(value)

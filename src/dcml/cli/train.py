@@ -65,7 +65,9 @@ def register(subparsers) -> None:
 def config_from_args(args: argparse.Namespace):
     from dcml.config import load_config
 
+    # Later wins: the --quick budget, then --set, then the dedicated flags.
     overrides = list(QUICK_OVERRIDES) if args.quick else []
+    overrides.extend(args.overrides)
     if args.data_root is not None:
         overrides.append(f"data.root={json.dumps(str(args.data_root))}")
     if args.learners is not None:
@@ -74,7 +76,6 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"schedule.epochs={args.epochs}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    overrides.extend(args.overrides)
     return load_config(args.preset, overrides)
 
 

@@ -1,4 +1,4 @@
-"""Fixtures for the emoji benchmark: tiny fake npm tarballs, and ``npm pack`` replaced by them."""
+"""Shared fixtures: tiny fake npm tarballs of the emoji packages, and ``npm pack`` replaced by them."""
 
 from __future__ import annotations
 
