@@ -143,3 +143,14 @@ def test_bad_settings():
     labels, clustering = make_clustering([[2, 2], [1]])
     with pytest.raises(ValueError, match="no usable class"):
         ClusterBatchSampler(labels, clustering, classes_per_batch=P, images_per_class=M)
+
+
+def test_a_fixed_epoch_length_is_the_same_for_every_k():
+    _, _, three = sampler_for(batches_per_epoch=10)
+    _, _, one = sampler_for(sizes=[[5, 2, 4, 3, 6, 2, 2, 4, 4, 3, 5, 3, 2]], batches_per_epoch=10)
+    assert len(three) == len(list(three)) == 10 and len(one) == len(list(one)) == 10
+    assert [batch[0][1] for batch in three] == [0, 1, 2] * 3 + [0]
+    _, _, half = sampler_for(batches_per_epoch=10, num_replicas=2, rank=1)
+    assert len(half) == len(list(half)) == 5
+    with pytest.raises(UserError, match="batches per epoch"):
+        sampler_for(batches_per_epoch=0)

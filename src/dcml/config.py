@@ -31,7 +31,7 @@ class DataConfig:
     # "crop_flip": RandomResizedCrop + horizontal flip (the paper); "crop": no flip; "none": test transform.
     train_augmentation: Literal["crop_flip", "crop", "none"] = "crop_flip"
     # Run the frozen lower part of the backbone once per image and train on its cached output.
-    # Exact (same numbers as a full forward) because with train_augmentation "none" the input of the
+    # The same computation as a full forward (up to float rounding): with train_augmentation "none" the input of the
     # frozen part never changes; needs model.trainable_blocks.
     cache_frozen_features: bool = False
     num_workers: int = 0
@@ -66,6 +66,11 @@ class ClusteringConfig:
     kmeans_iterations: int = 100
     backend: Literal["auto", "faiss", "torch"] = "auto"
     min_classes_per_cluster: int = 2
+    # Cluster on the backbone features the training forward passes of the epoch before a
+    # re-clustering computed (images that epoch did not visit get a fresh pass) instead of a full
+    # extra pass over the training set. Needs train_augmentation=none and frozen BN statistics,
+    # so those features are the test-time ones, at most one epoch old.
+    reuse_training_features: bool = False
 
 
 @dataclass
@@ -73,6 +78,8 @@ class SamplerConfig:
     classes_per_batch: int = 20  # P
     images_per_class: int = 4  # M
     epoch_length: Literal["largest", "smallest"] = "largest"
+    # A fixed number of batches per epoch whatever K (overrides epoch_length): equal budgets.
+    batches_per_epoch: Optional[int] = None
 
 
 @dataclass
@@ -289,11 +296,16 @@ def validate(config: TrainConfig) -> None:
         _require(m.embedding_dim // c.learners >= 2, f"each learner needs at least 2 dimensions; embedding_dim {m.embedding_dim} / {c.learners} learners")
     if c.hierarchical:
         _require(c.learners & (c.learners - 1) == 0, f"clustering.hierarchical needs a power-of-two clustering.learners; got {c.learners}")
+    if c.reuse_training_features:
+        _require(d.train_augmentation == "none" and m.freeze_bn_stats,
+                 "clustering.reuse_training_features needs data.train_augmentation=none and model.freeze_bn_stats=true "
+                 "(otherwise training features are not test-time features)")
     _require(c.recluster_every >= 1, f"clustering.recluster_every must be >= 1 epoch; got {c.recluster_every}")
     _require(c.kmeans_iterations >= 1, f"clustering.kmeans_iterations must be >= 1; got {c.kmeans_iterations}")
     _require(c.min_classes_per_cluster >= 2, f"clustering.min_classes_per_cluster must be >= 2; got {c.min_classes_per_cluster}")
     _require(2 <= s.classes_per_batch <= 1024, f"sampler.classes_per_batch must be in 2..1024; got {s.classes_per_batch}")
     _require(2 <= s.images_per_class <= 64, f"sampler.images_per_class must be in 2..64; got {s.images_per_class}")
+    _require(s.batches_per_epoch is None or s.batches_per_epoch >= 1, f"sampler.batches_per_epoch must be >= 1 or null; got {s.batches_per_epoch}")
     _require(s.classes_per_batch * s.images_per_class <= 4096,
              f"batch of sampler.classes_per_batch x images_per_class = {s.classes_per_batch * s.images_per_class} images is above 4096")
     _require(lo.alpha > 0 and lo.beta > 0, f"loss.alpha and loss.beta must be > 0; got {lo.alpha}, {lo.beta}")

@@ -14,6 +14,8 @@ Policies (all deterministic in ``(seed, epoch)``):
 - Clusters take turns batch by batch (0, 1, ..., K-1, 0, 1, ...). ``epoch_length="largest"`` (the
   authors' code) runs as many rounds as the largest cluster's pass, small clusters restarting
   their streams; ``"smallest"`` (the author's later advice) stops after the smallest cluster's pass.
+  ``batches_per_epoch`` fixes the count instead (clusters still take turns): runs with different K
+  then get exactly the same number of steps and images, which a fair comparison needs.
 - With ``num_replicas`` > 1 (DDP) the full sequence is cut to a multiple of ``num_replicas`` and
   replica ``rank`` yields batches ``rank, rank + num_replicas, ...``; all replicas yield the same count.
 
@@ -76,6 +78,7 @@ class ClusterBatchSampler:
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        batches_per_epoch: int | None = None,
     ) -> None:
         labels = np.asarray(labels)
         if labels.shape != clustering.assignment.shape:
@@ -86,12 +89,15 @@ class ClusterBatchSampler:
             raise UserError(
                 f"classes per batch and images per class must be >= 1, got {classes_per_batch} and {images_per_class}"
             )
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise UserError(f"batches per epoch must be >= 1, got {batches_per_epoch}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
         self.num_clusters = clustering.num_clusters
         self.classes_per_batch = classes_per_batch
         self.images_per_class = images_per_class
         self.epoch_length = epoch_length
+        self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -130,7 +136,7 @@ class ClusterBatchSampler:
         return int(passes.max() if self.epoch_length == EPOCH_LARGEST else passes.min())
 
     def _total_batches(self) -> int:
-        full = self._rounds() * self.num_clusters
+        full = self.batches_per_epoch if self.batches_per_epoch is not None else self._rounds() * self.num_clusters
         return full - full % self.num_replicas
 
     def __len__(self) -> int:

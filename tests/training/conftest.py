@@ -74,6 +74,7 @@ def tiny_overrides(root: Path) -> list[str]:
         "clustering.kmeans_iterations=5",
         "sampler.classes_per_batch=4",
         "sampler.images_per_class=2",
+        "sampler.batches_per_epoch=null",
         "schedule.epochs=4",
         "schedule.conquer_epoch=3",
         "optimizer.lr_backbone=1e-3",

@@ -144,3 +144,40 @@ def test_backbone_freeze_after_reclustering_keeps_backbone_weights(tiny_folder):
     for key, value in trainer.model.backbone.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not torch.equal(trainer.model.head.linear.weight, head_before)
+
+
+def test_reused_training_features_equal_a_fresh_pass_when_weights_do_not_move(tiny_folder):
+    config = _config(tiny_folder, "clustering.reuse_training_features=true", "clustering.recluster_every=2",
+                     "optimizer.lr_backbone=0", "optimizer.lr_embedding=0", "optimizer.lr_beta=0", "schedule.epochs=3")
+    trainer = Trainer(config, None, progress=False, echo=lambda _: None)
+    for plan in trainer.plans[:2]:
+        if plan.recluster:
+            trainer.recluster(plan)
+        trainer.train_epoch(plan)
+    bank = trainer._feature_bank.copy()
+    assert trainer._feature_bank_epoch == 1 and np.isnan(bank[:, 0]).any()  # P x M sampling skips some images
+    reused = trainer._cluster_features(trainer.plans[2])
+    fresh = trainer.embed(trainer.train_split, "backbone")
+    np.testing.assert_allclose(reused, fresh, atol=1e-5)
+    visited = ~np.isnan(bank[:, 0])
+    np.testing.assert_allclose(bank[visited], fresh[visited], atol=1e-5)
+
+
+def test_resume_is_exact_with_reused_training_features(tiny_folder, tmp_path, monkeypatch):
+    config = _config(tiny_folder, "clustering.reuse_training_features=true", "clustering.recluster_every=2",
+                     "schedule.epochs=4")
+    _, uninterrupted = _train(config, tmp_path / "full")
+    original = Trainer._save_last
+
+    def save_then_die(self, next_epoch):
+        original(self, next_epoch)
+        if next_epoch == 2:  # the epoch before a re-clustering: its features are in the checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _train(config, tmp_path / "cut")
+    monkeypatch.setattr(Trainer, "_save_last", original)
+    resumed = Trainer(config, tmp_path / "cut", progress=False, echo=lambda _: None)
+    resumed.resume(ckpt.load_checkpoint(tmp_path / "cut" / ckpt.LAST))
+    assert resumed.fit()["test"] == uninterrupted["test"]

@@ -32,13 +32,15 @@ class _TrainImages(torch.utils.data.Dataset):
 
 
 class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, split: Split, transform):
+    def __init__(self, split: Split, transform, indices: np.ndarray | None = None):
         self.split, self.transform = split, transform
+        self.indices = np.arange(split.num_images) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
-        return self.split.num_images
+        return len(self.indices)
 
-    def __getitem__(self, index):
+    def __getitem__(self, position):
+        index = int(self.indices[position])
         return self.transform(load_rgb(self.split.paths[index])), index
 
 
@@ -65,9 +67,10 @@ class ImageInputs:
         for images, batch_labels, indices, learners in loader:
             yield images, batch_labels, indices, int(learners[0])
 
-    def eval_batches(self, split: Split) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, split: Split, indices: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Test-transform inputs of ``split`` (or of its images ``indices``), in order, with their indices."""
         loader = torch.utils.data.DataLoader(
-            _EvalImages(split, self.test_transform), batch_size=self.eval_batch_size, shuffle=False,
+            _EvalImages(split, self.test_transform, indices), batch_size=self.eval_batch_size, shuffle=False,
             **_loader_options(self.num_workers, self.device),
         )
         yield from loader
@@ -76,8 +79,9 @@ class ImageInputs:
 class CachedInputs:
     """The frozen lower units' outputs for every image of every split, computed once.
 
-    Exact: with no training augmentation the frozen units see the same test-transform input in
-    every epoch, so caching their output gives the same numbers as running them each time.
+    Faithful: with no training augmentation the frozen units see the same test-transform input in
+    every epoch, so caching their output computes the same function as running them each time (up
+    to float rounding, which depends on how many images a convolution processes at once).
     """
 
     cached = True
@@ -118,8 +122,9 @@ class CachedInputs:
             indices = torch.as_tensor([index for index, _ in batch], dtype=torch.long)
             yield source[indices], labels_tensor[indices], indices, int(batch[0][1])
 
-    def eval_batches(self, split: Split):
+    def eval_batches(self, split: Split, indices: np.ndarray | None = None):
         source = self.tensors[split.name]
-        for start in range(0, len(source), self.eval_batch_size):
-            stop = min(start + self.eval_batch_size, len(source))
-            yield source[start:stop], torch.arange(start, stop)
+        order = torch.arange(len(source)) if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        for start in range(0, len(order), self.eval_batch_size):
+            chunk = order[start : start + self.eval_batch_size]
+            yield (source[start : start + len(chunk)] if indices is None else source[chunk]), chunk

@@ -117,6 +117,8 @@ class Trainer:
         self.plans = plan_schedule(config)
         self.active_learners = self.plans[0].active_learners  # how the full embedding is assembled now
         self.clustering = None
+        self._feature_bank: np.ndarray | None = None  # training-pass features kept for re-clustering
+        self._feature_bank_epoch: int | None = None
         self.start_epoch = 0
         self.best_score = -np.inf
         self.best_epoch: int | None = None
@@ -177,15 +179,19 @@ class Trainer:
         return inputs
 
     # ------------------------------------------------------------------ embedding
-    def embed(self, split: Split, space: str = "embedding", active_learners: int | None = None) -> np.ndarray:
-        """``space="embedding"``: the full embedding; ``"backbone"``: pooled backbone features."""
+    def embed(self, split: Split, space: str = "embedding", active_learners: int | None = None,
+              indices: np.ndarray | None = None) -> np.ndarray:
+        """``space="embedding"``: the full embedding; ``"backbone"``: pooled backbone features.
+
+        ``indices``: only those images of the split (in that order).
+        """
         model = self.model
         was_training = model.training
         model.eval()
         parts = []
         try:
             with torch.inference_mode():
-                for inputs, _ in self.inputs.eval_batches(split):
+                for inputs, _ in self.inputs.eval_batches(split, indices):
                     inputs = inputs.to(self.device, non_blocking=True)
                     if inputs.ndim == 4:
                         inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -214,7 +220,7 @@ class Trainer:
             self.clustering = cluster_training_set(dummy, self.train_labels, 1, min_classes_per_cluster=c.min_classes_per_cluster)
             return
         start = time.perf_counter()
-        features = self.embed(self.train_split, c.space)
+        features = self._cluster_features(plan)
         self.timings["recluster_features"] += time.perf_counter() - start
         start = time.perf_counter()
         options = dict(unit=c.unit, backend=c.backend, iterations=c.kmeans_iterations,
@@ -226,6 +232,34 @@ class Trainer:
             self.clustering = cluster_training_set(features, self.train_labels, plan.active_learners,
                                                    previous=previous.assignment if same_k else None, **options)
         self.timings["kmeans"] += time.perf_counter() - start
+
+    def _cluster_features(self, plan: EpochPlan) -> np.ndarray:
+        """Features of every training image for k-means: a fresh pass, or the training pass's (reuse)."""
+        space = self.config.clustering.space
+        bank = self._feature_bank if self._feature_bank_epoch == plan.epoch - 1 else None
+        self._feature_bank = None
+        if bank is None:
+            return self.embed(self.train_split, space)
+        missing = np.flatnonzero(np.isnan(bank[:, 0]))
+        if len(missing):
+            bank[missing] = self.embed(self.train_split, "backbone", indices=missing)
+        if space == "backbone":
+            return bank
+        head = self.model.head
+        was_training = head.training
+        head.eval()
+        with torch.inference_mode():
+            features = torch.from_numpy(bank).to(self.device)
+            embedding = head.full_embedding(head(features), self.active_learners).float().cpu().numpy()
+        head.train(was_training)
+        return embedding
+
+    def _keeps_features_for(self, plan: EpochPlan) -> bool:
+        """Whether this epoch's training passes should be kept for the next epoch's re-clustering."""
+        if not self.config.clustering.reuse_training_features or plan.epoch + 1 >= len(self.plans):
+            return False
+        upcoming = self.plans[plan.epoch + 1]
+        return upcoming.recluster and upcoming.active_learners > 1
 
     # ------------------------------------------------------------------ one epoch
     def _set_learning_rates(self, plan: EpochPlan) -> None:
@@ -239,24 +273,30 @@ class Trainer:
 
         s = self.config.sampler
         sampler = ClusterBatchSampler(self.train_labels, self.clustering, classes_per_batch=s.classes_per_batch,
-                                      images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed)
+                                      images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed,
+                                      batches_per_epoch=s.batches_per_epoch)
         sampler.set_epoch(plan.epoch)
         self.model.train()
         self.model.set_backbone_trainable(not plan.backbone_frozen)
         head = self.model.head
         mask_weight = self.config.model.mask_regularization if head.masks is not None and plan.phase == DIVIDE else 0.0
         total, batches, images = 0.0, 0, 0
+        keep = self._keeps_features_for(plan)
+        bank = np.full((len(self.train_labels), self.model.backbone.feature_dim), np.nan, dtype=np.float32) if keep else None
         learner_losses = np.zeros(plan.active_learners)
         learner_batches = np.zeros(plan.active_learners, dtype=np.int64)
         bar = tqdm(total=len(sampler), unit="batch", desc=f"epoch {plan.epoch + 1}/{len(self.plans)} {plan.phase}",
                    disable=not self.progress, leave=False)
         with bar:
-            for inputs, labels, _, learner in self.inputs.train_batches(self.train_split, self.train_labels, sampler):
+            for inputs, labels, indices, learner in self.inputs.train_batches(self.train_split, self.train_labels, sampler):
                 inputs = inputs.to(self.device, non_blocking=True)
                 if inputs.ndim == 4:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 labels = labels.to(self.device)
-                raw = head(self.model.features(inputs, cached=self.inputs.cached))
+                features = self.model.features(inputs, cached=self.inputs.cached)
+                if bank is not None:
+                    bank[indices.numpy()] = features.detach().float().cpu().numpy()
+                raw = head(features)
                 if plan.phase == DIVIDE:
                     embeddings = head.learner_embedding(raw, learner, plan.active_learners)
                 else:
@@ -277,6 +317,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total / batches:.4f}")
         self.model.set_backbone_trainable(True)
+        if bank is not None:
+            self._feature_bank, self._feature_bank_epoch = bank, plan.epoch
         return {
             "loss": total / max(batches, 1),
             "batches": batches,
@@ -375,6 +417,9 @@ class Trainer:
             "loss": self.loss.state_dict(),
             "clustering": clustering,
             "active_learners": self.active_learners,
+            # Kept so a resumed run re-clusters on the same features as an uninterrupted one.
+            "feature_bank": None if self._feature_bank is None else torch.from_numpy(self._feature_bank),
+            "feature_bank_epoch": self._feature_bank_epoch,
             "best": {"score": self.best_score, "epoch": self.best_epoch, "val": self.best_val},
             "history": self.history,
             "timings": self.timings,
@@ -415,6 +460,9 @@ class Trainer:
         self.timings = dict(checkpoint["timings"])
         self.start_epoch = int(checkpoint["next_epoch"])
         self.active_learners = int(checkpoint["active_learners"])
+        if checkpoint.get("feature_bank") is not None:
+            self._feature_bank = checkpoint["feature_bank"].numpy().copy()
+            self._feature_bank_epoch = checkpoint["feature_bank_epoch"]
         ckpt.restore_rng_state(checkpoint["rng"])
 
 
