@@ -120,7 +120,7 @@ def test_cached_frozen_units_give_the_same_run_as_running_them(tiny_folder, tmp_
         ("model.learner_head=masks", "clustering.hierarchical=true", "schedule.freeze_backbone_after_recluster=1"),
         ("clustering.unit=class", "clustering.space=embedding", "sampler.epoch_length=smallest"),
         ("loss.name=triplet", "schedule.finetune_epoch=3", "optimizer.lr_decay_every=2"),
-        ("loss.beta_mode=class", "data.train_augmentation=crop"),
+        ("loss.beta_mode=class", "data.train_augmentation=crop", "clustering.reuse_training_features=false"),
     ],
 )
 def test_every_variant_trains(tiny_folder, tmp_path, extra):
