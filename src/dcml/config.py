@@ -92,7 +92,8 @@ class LossConfig:
     triplet_margin: float = 0.2  # triplet loss
     pml_loss: Optional[str] = None  # any pytorch-metric-learning loss, e.g. "MultiSimilarityLoss"
     pml_miner: Optional[str] = None
-    pml_kwargs: dict = field(default_factory=dict)
+    pml_kwargs: dict = field(default_factory=dict)  # keyword arguments of the PML loss
+    pml_miner_kwargs: dict = field(default_factory=dict)
     pml_per_learner: bool = False
 
 

@@ -38,6 +38,7 @@ def run_demo(out: Path, *, quick: bool = False, learners: int = DEFAULT_DNC_LEAR
     shared_inputs: dict = {}  # the frozen units' outputs, computed once for both runs
     results: dict = {}
     runs: dict = {}
+    histories: dict = {}
     for name, config in configs.items():
         echo(f"== {name}: K = {config.clustering.learners}, {config.schedule.epochs} epochs")
         trainer = Trainer(config, out / name, progress=progress, echo=echo, dataset=dataset, shared_inputs=shared_inputs)
@@ -50,6 +51,7 @@ def run_demo(out: Path, *, quick: bool = False, learners: int = DEFAULT_DNC_LEAR
         results[name] = run["test"]
         runs[name] = {k: run[k] for k in ("selected_epoch", "selection_metric", "selection_score", "seconds", "recluster_share")}
         runs[name]["train_images"] = sum(record["images"] for record in trainer.history)
+        histories[f"K = {config.clustering.learners}"] = trainer.history
     image_size = configs["baseline"].data.image_size
     payload = {
         "zero_shot": results["zero_shot"],
@@ -65,6 +67,10 @@ def run_demo(out: Path, *, quick: bool = False, learners: int = DEFAULT_DNC_LEAR
     markdown = results_markdown(payload)
     text = json.dumps(payload, indent=2).encode()
     write_atomically({out / "results.json": lambda s: s.write(text), out / "results.md": lambda s: s.write(markdown.encode())})
+    from dcml.plots import plot_training_curves
+
+    metric = configs["baseline"].evaluation.selection_metric
+    plot_training_curves(histories, out / "curves.png", metric=metric)
     return payload
 
 

@@ -30,6 +30,7 @@ def test_demo_writes_the_documented_results(fake_npm, tmp_path, monkeypatch):
     assert "divide & conquer (K = 2)" in markdown and "| single metric (K = 1) |" in markdown
     for run in ("baseline", "dnc"):
         assert (tmp_path / "demo" / run / "metrics.json").is_file()
+    assert (tmp_path / "demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_cli_prints_the_table(fake_npm, tmp_path, monkeypatch, capsys):

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
         description="On the offline emoji benchmark, train the single-metric baseline (K = 1) and "
         "divide and conquer (K learners) with the same preset, backbone and budget, and print a "
         "side-by-side table (cross-vendor and leave-one-out Recall@K, MAP@R, NMI on the test classes) "
-        "with the pretrained backbone's zero-shot row. Writes DIR/results.json, DIR/results.md and "
+        "with the pretrained backbone's zero-shot row. Writes DIR/results.json, DIR/results.md, DIR/curves.png (validation score per epoch) and "
         "each run's folder (DIR/baseline, DIR/dnc).",
     )
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke use (under 3 minutes on two cores)")

@@ -107,7 +107,8 @@ class Trainer:
         settings = {
             "margin": {"alpha": lo.alpha, "beta": lo.beta, "nu": lo.nu, "beta_mode": lo.beta_mode},
             "triplet": {"margin": lo.triplet_margin},
-            "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner, **lo.pml_kwargs},
+            "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner,
+                    "loss_kwargs": lo.pml_kwargs, "miner_kwargs": lo.pml_miner_kwargs},
         }[lo.name]
         self.loss = create_loss(lo.name, num_learners=config.clustering.learners, num_classes=len(self.class_ids), **settings).to(self.device)
         self.optimizer = self._build_optimizer()
