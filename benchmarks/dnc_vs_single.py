@@ -73,7 +73,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/dnc_vs_single.json"))
     parser.add_argument("--summarize", nargs="+", type=Path, default=None, metavar="JSON",
                         help="only print the summary of earlier --out files (e.g. one per seed)")
+    parser.add_argument("--initial-clusters", action="store_true",
+                        help="only cluster once with the pretrained weights (epoch 0) and print the diagnostics")
     args = parser.parse_args()
+    if args.initial_clusters:
+        return initial_clusters(args)
     if args.summarize:
         runs = [run for path in args.summarize for run in json.loads(path.read_text())]
         summarize(runs, [v for v in VARIANTS if any(r["variant"] == v for r in runs)])
@@ -105,6 +109,24 @@ def main() -> int:
             args.out.write_text(json.dumps(runs, indent=2))
 
     summarize(runs, args.variants)
+    return 0
+
+
+def initial_clusters(args) -> int:
+    """Diagnostics of the first clustering (pretrained features), for every variant with K > 1."""
+    dataset = prepare_dataset(load_config("emoji", args.overrides))
+    shared: dict = {}
+    print(f"{'variant':<20}{'seed':>5}{'purity':>8}{'straddle':>9}{'pairs split':>12}  cluster sizes")
+    for seed in args.seeds:
+        for name in args.variants:
+            config = load_config("emoji", [*args.overrides, *VARIANTS[name], f"seed={seed}"])
+            if config.clustering.learners == 1:
+                continue
+            trainer = Trainer(config, None, progress=False, echo=lambda _: None, dataset=dataset, shared_inputs=shared)
+            trainer.recluster(trainer.plans[0])
+            d = cluster_diagnostics(trainer)
+            print(f"{name:<20}{seed:>5}{100 * d['vendor_purity']:>7.1f}%{100 * d['classes_straddling']:>8.1f}%"
+                  f"{100 * d['cross_vendor_pairs_split']:>11.1f}%  {trainer.clustering.cluster_sizes().tolist()}")
     return 0
 
 
