@@ -151,10 +151,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     trainer.model.load_state_dict(payload["model"])
     trainer.active_learners = int(payload.get("active_learners", config.clustering.learners))
     rows = trainer.evaluate(args.split, with_nmi=True)
-    epoch = payload.get("epoch", payload.get("next_epoch"))
+    # best.pt names its (0-based) epoch; last.pt the next epoch to run, i.e. the 1-based last one done.
+    epoch = int(payload["epoch"]) + 1 if payload.get("epoch") is not None else payload.get("next_epoch")
     if args.json:
-        print(json.dumps({"checkpoint": str(path), "epoch": None if epoch is None else int(epoch) + 1, "metrics": rows}))
+        print(json.dumps({"checkpoint": str(path), "epoch": epoch, "metrics": rows}))
         return 0
-    print(f"{path} (epoch {None if epoch is None else int(epoch) + 1}) on {trainer.dataset.name} {args.split or 'test'}; metrics in %")
+    print(f"{path} (epoch {epoch}) on {trainer.dataset.name} {args.split or 'test'}; metrics in %")
     print(format_table(rows, trainer.dataset.evaluation.recall_ks))
     return 0
