@@ -100,8 +100,9 @@ class LossConfig:
 @dataclass
 class ScheduleConfig:
     epochs: int = 200
-    conquer_epoch: Optional[int] = 80  # from this epoch the loss uses the full embedding (None: never)
-    finetune_epoch: Optional[int] = None  # from this epoch: one cluster (K = 1) on all data
+    # Epoch counts, so 80 means "the first 80 epochs divide; the 81st (index 80) conquers", as in v1.
+    conquer_epoch: Optional[int] = 80  # epochs before the loss switches to the full embedding (None: never)
+    finetune_epoch: Optional[int] = None  # epochs before the K = 1 phase on all data (None: no such phase)
     freeze_backbone_after_recluster: int = 0  # epochs the backbone stays frozen after a re-clustering
 
 

@@ -35,4 +35,6 @@ def test_backbone_freeze_and_step_decay():
     plans = plan_schedule(config)
     assert [p.epoch for p in plans if p.backbone_frozen] == [0, 3, 6, 9]
     assert [round(p.lr_scale, 6) for p in plans] == [1.0] * 5 + [0.1] * 5
-    assert "re-cluster at 0, 3, 6, 9" in describe_schedule(plans)
+    text = describe_schedule(plans)
+    assert "re-cluster before 1, 4, 7, 10" in text and "backbone frozen in 1, 4, 7, 10" in text
+    assert "epochs 1-10" in text and "lr x 0.1, 1" in text

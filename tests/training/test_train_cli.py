@@ -64,7 +64,7 @@ def test_bad_settings_exit_2_with_one_line(tiny_folder, tmp_path, capsys, extra,
 def test_dry_run_prints_settings_and_schedule(tiny_folder, tmp_path, capsys):
     assert main(_train_args(tiny_folder, tmp_path / "run", "--dry-run")) == 0
     out = capsys.readouterr().out
-    assert "learners: 2" in out and "# schedule" in out and "re-cluster at 0, 1, 2" in out
+    assert "learners: 2" in out and "# schedule" in out and "re-cluster before 1, 2, 3" in out
     assert "train 12 classes / 48 images" in out
     assert not (tmp_path / "run").exists()
 

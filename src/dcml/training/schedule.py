@@ -58,20 +58,27 @@ def plan_schedule(config: TrainConfig) -> list[EpochPlan]:
 
 
 def describe_schedule(plans: list[EpochPlan]) -> str:
-    """Runs of equal epochs on one line each, e.g. ``epochs 0-1  divide  K=4  re-cluster at 0``."""
+    """Runs of equal epochs on one line each, numbered from 1 as the training log does.
+
+    E.g. ``epochs 1-14  divide  learners=4  re-cluster before 1, 3, ...`` (a re-clustering happens
+    at the start of the epoch it names).
+    """
     lines = []
     start = 0
     for i in range(1, len(plans) + 1):
         if i == len(plans) or (plans[i].phase, plans[i].active_learners) != (plans[start].phase, plans[start].active_learners):
             chunk = plans[start:i]
-            span = f"{chunk[0].epoch}" if len(chunk) == 1 else f"{chunk[0].epoch}-{chunk[-1].epoch}"
-            reclusters = [p.epoch for p in chunk if p.recluster]
-            frozen = [p.epoch for p in chunk if p.backbone_frozen]
+            span = f"{chunk[0].epoch + 1}" if len(chunk) == 1 else f"{chunk[0].epoch + 1}-{chunk[-1].epoch + 1}"
+            reclusters = [p.epoch + 1 for p in chunk if p.recluster]
+            frozen = [p.epoch + 1 for p in chunk if p.backbone_frozen]
+            decayed = sorted({p.lr_scale for p in chunk})
             line = f"epochs {span:<9} {chunk[0].phase:<8} learners={chunk[0].active_learners}"
             if reclusters:
-                line += f"  re-cluster at {', '.join(map(str, reclusters))}"
+                line += f"  re-cluster before {', '.join(map(str, reclusters))}"
             if frozen:
-                line += f"  backbone frozen at {', '.join(map(str, frozen))}"
+                line += f"  backbone frozen in {', '.join(map(str, frozen))}"
+            if decayed != [1.0]:
+                line += f"  lr x {', '.join(f'{v:g}' for v in decayed)}"
             lines.append(line)
             start = i
     return "\n".join(lines)
