@@ -51,11 +51,15 @@ def plot_training_curves(histories: dict[str, list[dict]], path: Path, *, metric
         epochs = [r["epoch"] + 1 for r in scored]
         (line,) = axes.plot(epochs, [100 * r["score"] for r in scored], marker=".", label=name)
         for previous, record in zip(scored, scored[1:]):
-            if record["phase"] != previous["phase"]:
+            # With one learner, divide and conquer train the same thing: no switch worth marking.
+            if record["phase"] != previous["phase"] and record.get("learners", 2) > 1:
                 axes.axvline(record["epoch"] + 0.5, color=line.get_color(), linestyle=":", alpha=0.6)
                 axes.annotate(record["phase"], (record["epoch"] + 0.6, 100 * record["score"]), fontsize=7, color=line.get_color())
     if reference is not None:
         axes.axhline(100 * reference, color="grey", linestyle="--", label=f"{reference_label} ({100 * reference:.1f})")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel(f"validation {metric} (%)")
     axes.grid(True, alpha=0.3)
