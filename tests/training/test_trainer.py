@@ -24,6 +24,29 @@ def _train(config, out):
     return trainer, trainer.fit()
 
 
+class Killed(Exception):
+    """Stands in for the process dying right after a checkpoint was written."""
+
+
+def _killed_then_resumed(config, out, monkeypatch, *, after_epochs: int) -> Trainer:
+    """Train until ``after_epochs`` epochs are checkpointed, die, then resume in a new (unfitted) Trainer."""
+    original = Trainer._save_last
+
+    def save_then_die(self, next_epoch):
+        original(self, next_epoch)
+        if next_epoch == after_epochs:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_last", save_then_die)
+        with pytest.raises(Killed):
+            _train(config, out)
+    resumed = Trainer(config, out, progress=False, echo=lambda _: None)
+    resumed.resume(ckpt.load_checkpoint(out / ckpt.LAST))
+    assert resumed.start_epoch == after_epochs
+    return resumed
+
+
 def test_training_writes_log_checkpoints_and_test_metrics(tiny_folder, tmp_path):
     trainer, result = _train(_config(tiny_folder), tmp_path / "run")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -56,25 +79,7 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_pat
     config = _config(tiny_folder)
     _, uninterrupted = _train(config, tmp_path / "full")
 
-    class Killed(Exception):
-        pass
-
-    original = Trainer._save_last
-
-    def save_then_die(self, next_epoch):
-        original(self, next_epoch)
-        if next_epoch == 2:
-            raise Killed
-
-    monkeypatch.setattr(Trainer, "_save_last", save_then_die)
-    with pytest.raises(Killed):
-        _train(config, tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "_save_last", original)
-
-    resumed = Trainer(config, tmp_path / "cut", progress=False, echo=lambda _: None)
-    resumed.resume(ckpt.load_checkpoint(tmp_path / "cut" / ckpt.LAST))
-    assert resumed.start_epoch == 2
-    result = resumed.fit()
+    result = _killed_then_resumed(config, tmp_path / "cut", monkeypatch, after_epochs=2).fit()
     for key in ("selected_epoch", "selection_score", "test", "val"):
         assert result[key] == uninterrupted[key], key
     full_last = ckpt.load_checkpoint(tmp_path / "full" / ckpt.LAST)["model"]
@@ -169,17 +174,7 @@ def test_resume_is_exact_with_reused_training_features(tiny_folder, tmp_path, mo
     config = _config(tiny_folder, "clustering.reuse_training_features=true", "clustering.recluster_every=2",
                      "schedule.epochs=4")
     _, uninterrupted = _train(config, tmp_path / "full")
-    original = Trainer._save_last
-
-    def save_then_die(self, next_epoch):
-        original(self, next_epoch)
-        if next_epoch == 2:  # the epoch before a re-clustering: its features are in the checkpoint
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "_save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        _train(config, tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "_save_last", original)
-    resumed = Trainer(config, tmp_path / "cut", progress=False, echo=lambda _: None)
-    resumed.resume(ckpt.load_checkpoint(tmp_path / "cut" / ckpt.LAST))
+    # Epoch 2 comes before a re-clustering: its training-pass features must be in the checkpoint.
+    resumed = _killed_then_resumed(config, tmp_path / "cut", monkeypatch, after_epochs=2)
+    assert resumed._feature_bank_epoch == 1 and not np.isnan(resumed._feature_bank).all()
     assert resumed.fit()["test"] == uninterrupted["test"]
