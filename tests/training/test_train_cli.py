@@ -77,3 +77,15 @@ def test_evaluate_and_resume_report_missing_checkpoints(tmp_path, capsys):
     assert "cannot read checkpoint" in capsys.readouterr().err
     assert main(["train", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume(tiny_folder, tmp_path, capsys, monkeypatch):
+    from dcml.training.trainer import Trainer
+
+    def interrupted(self, plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    assert main(_train_args(tiny_folder, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 0 finished epoch(s); continue with: dcml train --out" in err and "--resume" in err

@@ -121,7 +121,13 @@ def _train(args: argparse.Namespace) -> int:
             print(f"{out}: all {len(trainer.plans)} epochs are done; reporting the selected epoch")
     else:
         write_config(out, config)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        done = len(trainer.history)
+        print(f"dcml: interrupted after {done} finished epoch(s); continue with: dcml train --out {out} --resume",
+              file=sys.stderr)
+        return 130
     _print_result(result, trainer.dataset.evaluation.recall_ks, out)
     return 0
 

@@ -44,8 +44,12 @@ class _EvalImages(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.split.paths[index])), index
 
 
-def _loader_options(num_workers: int, device: torch.device) -> dict:
-    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda"}
+def _loader_options(num_workers: int, device: torch.device, seed: int = 0) -> dict:
+    # An own generator: a DataLoader otherwise draws its workers' base seed from torch's global RNG,
+    # which would make the training randomness (dropout, negative sampling) depend on how many
+    # loaders ran, e.g. differ between image and cached inputs, or across a resume.
+    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda",
+               "generator": torch.Generator().manual_seed(seed)}
     if num_workers > 0:
         options["persistent_workers"] = False  # one loader per epoch: workers would outlive it
     return options
@@ -61,8 +65,11 @@ class ImageInputs:
         self.num_workers, self.eval_batch_size, self.device = num_workers, eval_batch_size, device
 
     def train_batches(self, split: Split, labels: np.ndarray, batch_sampler) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        # Workers' augmentation seeds follow the sampler's (seed, epoch), so they repeat on resume.
+        seed = int(np.random.SeedSequence([getattr(batch_sampler, "seed", 0), getattr(batch_sampler, "epoch", 0)]).generate_state(1)[0])
         loader = torch.utils.data.DataLoader(
-            _TrainImages(split, labels, self.train_transform), batch_sampler=batch_sampler, **_loader_options(self.num_workers, self.device)
+            _TrainImages(split, labels, self.train_transform), batch_sampler=batch_sampler,
+            **_loader_options(self.num_workers, self.device, seed),
         )
         for images, batch_labels, indices, learners in loader:
             yield images, batch_labels, indices, int(learners[0])
@@ -77,7 +84,7 @@ class ImageInputs:
 
 
 class CachedInputs:
-    """The frozen lower units' outputs for every image of every split, computed once.
+    """The frozen lower units' outputs for every image of a split, computed on first use.
 
     Faithful: with no training augmentation the frozen units see the same test-transform input in
     every epoch, so caching their output computes the same function as running them each time (up
@@ -86,44 +93,55 @@ class CachedInputs:
 
     cached = True
 
-    def __init__(self, tensors: dict[str, torch.Tensor], eval_batch_size: int):
-        self.tensors = tensors
+    def __init__(self, model, test_transform, num_workers: int, eval_batch_size: int, device: torch.device,
+                 progress: bool = True):
+        self._model = model
+        self._images = ImageInputs(None, test_transform, num_workers, eval_batch_size, device)
         self.eval_batch_size = eval_batch_size
+        self.device = device
+        self.progress = progress
+        self.tensors: dict[tuple, torch.Tensor] = {}
 
-    @classmethod
-    def build(cls, model, splits: dict[str, Split], test_transform, num_workers: int, eval_batch_size: int,
-              device: torch.device, progress: bool = True) -> "CachedInputs":
+    @staticmethod
+    def _key(split: Split) -> tuple:
+        # Carved validation splits share names across seeds: the images themselves identify a split.
+        return split.name, split.num_images, hash(split.paths)
+
+    def tensor(self, split: Split) -> torch.Tensor:
+        key = self._key(split)
+        if key not in self.tensors:
+            self.tensors[key] = self._compute(split)
+        return self.tensors[key]
+
+    def _compute(self, split: Split) -> torch.Tensor:
         from tqdm import tqdm
 
-        images = ImageInputs(None, test_transform, num_workers, eval_batch_size, device)
-        tensors = {}
+        model = self._model
         was_training = model.training
         model.eval()
+        parts = []
         try:
-            with torch.inference_mode():
-                for name, split in splits.items():
-                    parts = []
-                    with tqdm(total=split.num_images, unit="img", desc=f"cache {name}", disable=not progress, leave=False) as bar:
-                        for batch, _ in images.eval_batches(split):
-                            batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-                            parts.append(model.frozen_forward(batch).float().cpu())
-                            bar.update(len(batch))
-                    if not parts:
-                        raise DatasetError(f"split {name!r} has no images")
-                    tensors[name] = torch.cat(parts).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), tqdm(total=split.num_images, unit="img", desc=f"cache {split.name}",
+                                              disable=not self.progress, leave=False) as bar:
+                for batch, _ in self._images.eval_batches(split):
+                    batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+                    parts.append(model.frozen_forward(batch).float().cpu())
+                    bar.update(len(batch))
         finally:
             model.train(was_training)
-        return cls(tensors, eval_batch_size)
+        if not parts:
+            raise DatasetError(f"split {split.name!r} has no images")
+        return torch.cat(parts).contiguous(memory_format=torch.channels_last)
 
     def train_batches(self, split: Split, labels: np.ndarray, batch_sampler):
-        source = self.tensors[split.name]
+        source = self.tensor(split)
         labels_tensor = torch.as_tensor(labels)
         for batch in batch_sampler:
             indices = torch.as_tensor([index for index, _ in batch], dtype=torch.long)
             yield source[indices], labels_tensor[indices], indices, int(batch[0][1])
 
     def eval_batches(self, split: Split, indices: np.ndarray | None = None):
-        source = self.tensors[split.name]
+        source = self.tensor(split)
         order = torch.arange(len(source)) if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long)
         for start in range(0, len(order), self.eval_batch_size):
             chunk = order[start : start + self.eval_batch_size]

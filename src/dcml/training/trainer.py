@@ -172,9 +172,8 @@ class Trainer:
         key = self.input_cache_key()
         if shared is not None and key in shared:
             return shared[key]
-        splits = {"train": self.train_split, "val": self.val_split}
-        splits.update({name: self.dataset.split(name) for name in self.dataset.evaluation.splits})
-        inputs = CachedInputs.build(self.model, splits, test_transform, d.num_workers, d.eval_batch_size, self.device, self.progress)
+        # The frozen units hold the same (pretrained) weights in every run that shares this key.
+        inputs = CachedInputs(self.model, test_transform, d.num_workers, d.eval_batch_size, self.device, self.progress)
         if shared is not None:
             shared[key] = inputs
         return inputs
