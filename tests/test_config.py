@@ -35,7 +35,7 @@ def test_overrides_are_parsed_as_yaml_and_nest():
         ("clustering.learners=two", "clustering.learners must be an integer"),
         ("sampler.images_per_class=1", "sampler.images_per_class must be in 2..64"),
         ("sampler.classes_per_batch=1000;sampler.images_per_class=5", "above 4096"),
-        ("schedule.conquer_epoch=500", "schedule.conquer_epoch must be in 0..20"),
+        ("schedule.conquer_epoch=500", "schedule.conquer_epoch=500 does not fit schedule.epochs=20"),
         ("data.train_augmentation=crop_flip", "cache_frozen_features needs data.train_augmentation=none"),
         ("clustering.hierarchical=yes please", "must be true or false"),
         ("evaluation.selection_metric=recall", "selection_metric must look like"),

@@ -317,7 +317,9 @@ def validate(config: TrainConfig) -> None:
     _require(sc.epochs >= 1, f"schedule.epochs must be >= 1; got {sc.epochs}")
     for name in ("conquer_epoch", "finetune_epoch"):
         value = getattr(sc, name)
-        _require(value is None or 0 <= value <= sc.epochs, f"schedule.{name} must be in 0..{sc.epochs} (schedule.epochs) or null; got {value}")
+        _require(value is None or 0 <= value <= sc.epochs,
+                 f"schedule.{name}={value} does not fit schedule.epochs={sc.epochs}: "
+                 f"set it too, e.g. --set schedule.{name}={int(sc.epochs * 0.7)} (or null)")
     if sc.conquer_epoch is not None and sc.finetune_epoch is not None:
         _require(sc.finetune_epoch >= sc.conquer_epoch, "schedule.finetune_epoch must not come before schedule.conquer_epoch")
     _require(sc.freeze_backbone_after_recluster >= 0, "schedule.freeze_backbone_after_recluster must be >= 0")
