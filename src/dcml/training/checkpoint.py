@@ -49,8 +49,6 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 def load_checkpoint(path: Path) -> dict:
     """Read a dcml checkpoint; one-line UserError when it is missing or not one."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / LAST if (path / LAST).is_file() else path / BEST
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from dcml.config import TrainConfig, validate_against_data
 from dcml.data.records import Dataset, Split
 from dcml.errors import UserError
-from dcml.io import write_atomically
+from dcml.io import save_json_atomically, write_atomically
 from dcml.training import checkpoint as ckpt
 from dcml.training.schedule import DIVIDE, FINETUNE, EpochPlan, plan_schedule
 
@@ -71,10 +70,9 @@ def prepare_dataset(config: TrainConfig) -> Dataset:
     from dcml.data import load_dataset
 
     dataset = load_dataset(config.data.dataset, Path(config.data.root).expanduser() if config.data.root else None)
-    train = dataset.split("train")
     if "val" in dataset.splits:
         return dataset
-    train, val = carve_validation(train, config.data.validation_fraction, config.seed)
+    train, val = carve_validation(dataset.split("train"), config.data.validation_fraction, config.seed)
     return dataclasses.replace(dataset, splits={**dataset.splits, "train": train, "val": val})
 
 
@@ -179,8 +177,12 @@ class Trainer:
         return inputs
 
     # ------------------------------------------------------------------ embedding
-    def embed(self, split: Split, space: str = "embedding", active_learners: int | None = None,
-              indices: np.ndarray | None = None) -> np.ndarray:
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A batch on the training device; image and feature maps channels-last (faster convolutions)."""
+        inputs = inputs.to(self.device, non_blocking=True)
+        return inputs.contiguous(memory_format=torch.channels_last) if inputs.ndim == 4 else inputs
+
+    def embed(self, split: Split, space: str = "embedding", indices: np.ndarray | None = None) -> np.ndarray:
         """``space="embedding"``: the full embedding; ``"backbone"``: pooled backbone features.
 
         ``indices``: only those images of the split (in that order).
@@ -192,12 +194,9 @@ class Trainer:
         try:
             with torch.inference_mode():
                 for inputs, _ in self.inputs.eval_batches(split, indices):
-                    inputs = inputs.to(self.device, non_blocking=True)
-                    if inputs.ndim == 4:
-                        inputs = inputs.contiguous(memory_format=torch.channels_last)
-                    features = model.features(inputs, cached=self.inputs.cached)
+                    features = model.features(self._to_device(inputs), cached=self.inputs.cached)
                     if space == "embedding":
-                        features = model.head.full_embedding(model.head(features), active_learners or self.active_learners)
+                        features = model.head.full_embedding(model.head(features), self.active_learners)
                     parts.append(features.float().cpu())
         finally:
             model.train(was_training)
@@ -289,11 +288,8 @@ class Trainer:
                    disable=not self.progress, leave=False)
         with bar:
             for inputs, labels, indices, learner in self.inputs.train_batches(self.train_split, self.train_labels, sampler):
-                inputs = inputs.to(self.device, non_blocking=True)
-                if inputs.ndim == 4:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 labels = labels.to(self.device)
-                features = self.model.features(inputs, cached=self.inputs.cached)
+                features = self.model.features(self._to_device(inputs), cached=self.inputs.cached)
                 if bank is not None:
                     bank[indices.numpy()] = features.detach().float().cpu().numpy()
                 raw = head(features)
@@ -405,8 +401,7 @@ class Trainer:
             "recluster_share": total_recluster / max(sum(self.timings[k] for k in ("train", "recluster_features", "kmeans")), 1e-9),
         }
         if self.out_dir is not None:
-            text = json.dumps(result, indent=2).encode()
-            write_atomically({self.out_dir / METRICS_FILE: lambda stream: stream.write(text)})
+            save_json_atomically(self.out_dir / METRICS_FILE, result)
         return result
 
     # ------------------------------------------------------------------ checkpoints
@@ -452,7 +447,6 @@ class Trainer:
 
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.base_lrs = [self.base_lrs[i] for i in range(len(self.optimizer.param_groups))]
         self.loss.load_state_dict(checkpoint["loss"])
         if checkpoint["clustering"] is not None:
             c = checkpoint["clustering"]
@@ -477,7 +471,3 @@ def write_config(out_dir: Path, config: TrainConfig) -> None:
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
     write_atomically({Path(out_dir) / CONFIG_FILE: lambda stream: stream.write(text)})
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
