@@ -122,6 +122,26 @@ class EvaluationConfig:
     # "<protocol row>/<metric>", e.g. "leave_one_out/recall@1" or "cross_vendor/map@r".
     selection_metric: str = "leave_one_out/recall@1"
     val_nmi: bool = False  # NMI on validation costs a k-means per epoch; the test report always has it
+    # The test protocol the run expects (null: the dataset's own). A preset states it so that a
+    # dataset evaluated differently is caught before training; it cannot change the protocol.
+    protocol: Optional[Literal["leave_one_out", "query_gallery", "vehicleid", "cross_group"]] = None
+    recall_ks: Optional[list[int]] = None  # the Recall@K list reported (null: the dataset's usual list)
+
+
+@dataclass
+class RuntimeConfig:
+    """How fast, not what: none of these change results on the CPU (bf16 and channels-last apply on CUDA only)."""
+
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, float32 elsewhere
+    channels_last: bool = True  # CUDA: model weights in channels-last memory format (inputs always are)
+    compile: bool = False  # torch.compile the trainable part of the model (first epoch pays the compile time)
+    pin_memory: bool = True  # CUDA: page-locked host batches, copied asynchronously
+    persistent_workers: bool = True  # data.num_workers > 0: keep the training loader's workers across epochs
+    prefetch_factor: int = 4  # batches each worker prepares ahead
+    # Batch of the feature passes without gradients (re-clustering, validation, test); null: data.eval_batch_size.
+    feature_batch_size: Optional[int] = None
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun only; auto: nccl on CUDA, else gloo
+    distributed_timeout_minutes: int = 60  # ranks wait this long for rank 0's evaluation / k-means
 
 
 @dataclass
@@ -136,6 +156,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,6 +281,11 @@ def _coerce(hint, value, where: str):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{where} must be a string; got {value!r}")
         return str(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list; got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping; got {value!r}")
@@ -330,11 +356,23 @@ def validate(config: TrainConfig) -> None:
     _require(0 < o.lr_decay_factor <= 1, f"optimizer.lr_decay_factor must be in (0, 1]; got {o.lr_decay_factor}")
     _require(e.every >= 1, f"evaluation.every must be >= 1; got {e.every}")
     _require("/" in e.selection_metric, f"evaluation.selection_metric must look like leave_one_out/recall@1; got {e.selection_metric!r}")
+    if e.recall_ks is not None:
+        _require(len(e.recall_ks) > 0 and all(k >= 1 for k in e.recall_ks) and list(e.recall_ks) == sorted(set(e.recall_ks)),
+                 f"evaluation.recall_ks must be increasing positive integers, e.g. [1, 2, 4, 8]; got {e.recall_ks}")
+    r = config.runtime
+    _require(r.prefetch_factor >= 1, f"runtime.prefetch_factor must be >= 1; got {r.prefetch_factor}")
+    _require(r.feature_batch_size is None or r.feature_batch_size >= 1, f"runtime.feature_batch_size must be >= 1 or null; got {r.feature_batch_size}")
+    _require(r.distributed_timeout_minutes >= 1, f"runtime.distributed_timeout_minutes must be >= 1; got {r.distributed_timeout_minutes}")
 
 
-def validate_against_data(config: TrainConfig, num_train_classes: int, num_backbone_blocks: int | None) -> None:
-    """Checks that need the dataset and the backbone: K vs classes, blocks vs depth."""
+def validate_against_data(config: TrainConfig, num_train_classes: int, num_backbone_blocks: int | None,
+                          protocol: str | None = None) -> None:
+    """Checks that need the dataset and the backbone: K vs classes, blocks vs depth, the expected protocol."""
     c, s = config.clustering, config.sampler
+    expected = config.evaluation.protocol
+    _require(expected is None or protocol is None or expected == protocol,
+             f"evaluation.protocol={expected} but dataset {config.data.dataset} is evaluated with the {protocol} protocol "
+             f"(wrong preset for this dataset?)")
     needed = c.learners * c.min_classes_per_cluster
     _require(needed <= num_train_classes,
              f"clustering.learners={c.learners} is too many for {num_train_classes} training classes "

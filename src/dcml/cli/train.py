@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     )
     train.add_argument("--preset", default="emoji", help="preset name or YAML file (default: %(default)s)")
     train.add_argument("--data-root", default=None, help="dataset folder (sets data.root)")
+    train.add_argument("--weights", default=None, metavar="PATH",
+                       help="backbone state dict file (sets model.weights), e.g. ResNet-50 ImageNet weights on an offline machine")
     train.add_argument("--learners", type=positive_int, default=None, help="K, the number of learners (sets clustering.learners)")
     train.add_argument("--epochs", type=positive_int, default=None, help="sets schedule.epochs")
     train.add_argument("--seed", type=int, default=None, help="sets seed")
@@ -70,6 +72,8 @@ def config_from_args(args: argparse.Namespace):
     overrides.extend(args.overrides)
     if args.data_root is not None:
         overrides.append(f"data.root={json.dumps(str(args.data_root))}")
+    if args.weights is not None:
+        overrides.append(f"model.weights={json.dumps(str(Path(args.weights).expanduser()))}")
     if args.learners is not None:
         overrides.append(f"clustering.learners={args.learners}")
     if args.epochs is not None:
@@ -86,8 +90,7 @@ def _default_out(preset: str) -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     from dcml.training import checkpoint as ckpt
-    from dcml.training.schedule import describe_schedule, plan_schedule
-    from dcml.training.trainer import Trainer, prepare_dataset, write_config
+    from dcml.training.trainer import Trainer, write_config
 
     out = args.out or _default_out(args.preset)
     resume_payload = None
@@ -105,13 +108,9 @@ def _train(args: argparse.Namespace) -> int:
             raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
     if args.dry_run:
-        import yaml
+        from dcml.training.dry_run import dry_run_report
 
-        dataset = prepare_dataset(config)
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-        print(f"# dataset {dataset.name}: " + ", ".join(f"{n} {s.num_classes} classes / {s.num_images} images" for n, s in dataset.splits.items()))
-        print("# schedule")
-        print(describe_schedule(plan_schedule(config)))
+        print(dry_run_report(config))
         return 0
 
     trainer = Trainer(config, out, progress=not args.no_progress and sys.stderr.isatty())

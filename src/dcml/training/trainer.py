@@ -66,10 +66,14 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 
 
 def prepare_dataset(config: TrainConfig) -> Dataset:
-    """The dataset with a ``train`` and a ``val`` split (carved from train when it has none)."""
+    """The dataset with a ``train`` and a ``val`` split (carved from train when it has none), and the
+    configuration's Recall@K list (``evaluation.recall_ks``) in its evaluation spec."""
     from dcml.data import load_dataset
 
     dataset = load_dataset(config.data.dataset, Path(config.data.root).expanduser() if config.data.root else None)
+    if config.evaluation.recall_ks is not None:
+        spec = dataclasses.replace(dataset.evaluation, recall_ks=tuple(config.evaluation.recall_ks))
+        dataset = dataclasses.replace(dataset, evaluation=spec)
     if "val" in dataset.splits:
         return dataset
     train, val = carve_validation(dataset.split("train"), config.data.validation_fraction, config.seed)
@@ -98,7 +102,7 @@ class Trainer:
         self.train_labels = self.train_labels.astype(np.int64)
 
         self.model = build_model(config).to(self.device)
-        validate_against_data(config, len(self.class_ids), self.model.backbone.num_units)
+        validate_against_data(config, len(self.class_ids), self.model.backbone.num_units, self.dataset.evaluation.protocol.value)
         self._check_selection_metric()
 
         lo = config.loss
