@@ -90,22 +90,20 @@ def _default_out(preset: str) -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     from dcml.training import checkpoint as ckpt
-    from dcml.training.trainer import Trainer, write_config
+    from dcml.training import distributed
 
-    out = args.out or _default_out(args.preset)
     resume_payload = None
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out DIR (the run to continue)")
-        resume_payload = ckpt.load_checkpoint(out / ckpt.LAST)
+        # Under torchrun every rank reads it: on several nodes --out must be a folder they share.
+        resume_payload = ckpt.load_checkpoint(args.out / ckpt.LAST)
         from dcml.config import load_config
 
         extra = [f"schedule.epochs={args.epochs}"] if args.epochs is not None else []
         config = load_config(None, list(args.overrides) + extra, base=resume_payload["config"])
     else:
         config = config_from_args(args)
-        if (out / ckpt.LAST).exists() and not args.dry_run:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
 
     if args.dry_run:
         from dcml.training.dry_run import dry_run_report
@@ -113,21 +111,42 @@ def _train(args: argparse.Namespace) -> int:
         print(dry_run_report(config))
         return 0
 
-    trainer = Trainer(config, out, progress=not args.no_progress and sys.stderr.isatty())
+    r = config.runtime
+    dist = distributed.setup(config.device, r.distributed_backend, r.distributed_timeout_minutes)
+    try:
+        return _run_training(args, config, resume_payload, dist)
+    finally:
+        distributed.teardown()
+
+
+def _run_training(args: argparse.Namespace, config, resume_payload, dist) -> int:
+    from dcml.training import checkpoint as ckpt
+    from dcml.training.trainer import Trainer, write_config
+
+    out = dist.broadcast(args.out or _default_out(args.preset))  # rank 0's time stamp names the folder
+
+    def check_out() -> None:
+        if resume_payload is None and (out / ckpt.LAST).exists():
+            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+
+    dist.on_main(check_out)
+    trainer = Trainer(config, out, progress=not args.no_progress and sys.stderr.isatty(), distributed=dist)
     if resume_payload is not None:
         trainer.resume(resume_payload)
-        if trainer.start_epoch >= len(trainer.plans):
+        if trainer.start_epoch >= len(trainer.plans) and dist.is_main:
             print(f"{out}: all {len(trainer.plans)} epochs are done; reporting the selected epoch")
-    else:
+    elif dist.is_main:
         write_config(out, config)
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
-        done = len(trainer.history)
-        print(f"dcml: interrupted after {done} finished epoch(s); continue with: dcml train --out {out} --resume",
-              file=sys.stderr)
+        if dist.is_main:
+            done = len(trainer.history)
+            print(f"dcml: interrupted after {done} finished epoch(s); continue with: dcml train --out {out} --resume",
+                  file=sys.stderr)
         return 130
-    _print_result(result, trainer.dataset.evaluation.recall_ks, out)
+    if dist.is_main:
+        _print_result(result, trainer.dataset.evaluation.recall_ks, out)
     return 0
 
 

@@ -31,6 +31,16 @@ def _usable_ks(ks: tuple[int, ...], num_references: int) -> tuple[int, ...]:
     return usable or (1,)
 
 
+def splits_to_embed(dataset: Dataset, split: str | None = None) -> tuple[str, ...]:
+    """The splits :func:`evaluate_dataset` embeds for the same arguments (embed them ahead, e.g. in shards)."""
+    spec = dataset.evaluation
+    if split is not None:
+        return (split,)
+    if spec.protocol in (Protocol.LEAVE_ONE_OUT, Protocol.CROSS_GROUP):
+        return spec.splits[:1]
+    return tuple(spec.splits)
+
+
 def evaluate_dataset(
     dataset: Dataset,
     embed: Embed,

@@ -6,7 +6,10 @@ tensors, labels, learner id) and the inputs of a whole split for embedding, in s
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ from dcml.errors import DatasetError
 
 
 class _TrainImages(torch.utils.data.Dataset):
-    """Items are ``(index, learner)`` pairs from the cluster sampler: the learner rides along."""
+    """Items are ``(index, learner, seed)`` triples: the learner rides along, the seed drives the augmentation."""
 
     def __init__(self, split: Split, labels: np.ndarray, transform):
         self.split, self.labels, self.transform = split, labels, transform
@@ -26,8 +29,14 @@ class _TrainImages(torch.utils.data.Dataset):
         return self.split.num_images
 
     def __getitem__(self, item):
-        index, learner = item
-        image = self.transform(load_rgb(self.split.paths[index]))
+        index, learner, seed = item
+        image = load_rgb(self.split.paths[index])
+        # The crop and flip of an image depend only on its seed, not on which worker process draws
+        # it or how long that worker has lived: results do not depend on num_workers or on
+        # persistent workers, and a resumed run repeats the augmentation exactly.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            image = self.transform(image)
         return image, int(self.labels[index]), int(index), int(learner)
 
 
@@ -44,41 +53,81 @@ class _EvalImages(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.split.paths[index])), index
 
 
-def _loader_options(num_workers: int, device: torch.device, seed: int = 0) -> dict:
-    # An own generator: a DataLoader otherwise draws its workers' base seed from torch's global RNG,
-    # which would make the training randomness (dropout, negative sampling) depend on how many
-    # loaders ran, e.g. differ between image and cached inputs, or across a resume.
-    options = {"num_workers": num_workers, "pin_memory": device.type == "cuda",
-               "generator": torch.Generator().manual_seed(seed)}
-    if num_workers > 0:
-        options["persistent_workers"] = False  # one loader per epoch: workers would outlive it
-    return options
+class _SeededEpoch:
+    """The long-lived training loader's batch sampler: the current epoch's cluster sampler, every
+    item paired with its augmentation seed (a function of seed, epoch, rank and position only)."""
+
+    def __init__(self) -> None:
+        self.sampler = None
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        entropy = [int(getattr(s, "seed", 0)), int(getattr(s, "epoch", 0))]
+        if getattr(s, "num_replicas", 1) > 1:
+            entropy.append(int(s.rank))
+        for position, batch in enumerate(s):
+            seeds = np.random.SeedSequence(entropy + [position]).generate_state(len(batch), dtype=np.uint64) >> np.uint64(1)
+            yield [(index, learner, int(seed)) for (index, learner), seed in zip(batch, seeds)]
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How the DataLoaders run (none of it changes which images or augmentations a batch holds)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False  # only meaningful on CUDA
+    persistent_workers: bool = False  # the training loader's workers live across epochs
+    prefetch_factor: int = 2
+
+    def options(self, seed: int = 0, persistent: bool = False) -> dict:
+        # An own generator: a DataLoader otherwise draws its workers' base seed from torch's global
+        # RNG, which would make the training randomness (dropout, negative sampling) depend on how
+        # many loaders ran.
+        options = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                   "generator": torch.Generator().manual_seed(seed)}
+        if self.num_workers > 0:
+            options["persistent_workers"] = persistent and self.persistent_workers
+            options["prefetch_factor"] = self.prefetch_factor
+        return options
 
 
 class ImageInputs:
-    """Decode and transform images every time (augmentation possible)."""
+    """Decode and transform images every time (augmentation possible).
+
+    The training loader is built once and lives for the whole run (with persistent workers, its
+    worker processes too); each epoch only swaps the batch sampler it reads from.
+    """
 
     cached = False
 
-    def __init__(self, train_transform, test_transform, num_workers: int, eval_batch_size: int, device: torch.device):
+    def __init__(self, train_transform, test_transform, loader: LoaderSettings | int, eval_batch_size: int, device: torch.device):
         self.train_transform, self.test_transform = train_transform, test_transform
-        self.num_workers, self.eval_batch_size, self.device = num_workers, eval_batch_size, device
+        self.loader = loader if isinstance(loader, LoaderSettings) else LoaderSettings(num_workers=int(loader))
+        self.eval_batch_size, self.device = eval_batch_size, device
+        self._epoch = _SeededEpoch()
+        self._train_loader = None
+        self._train_key = None
 
     def train_batches(self, split: Split, labels: np.ndarray, batch_sampler) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-        # Workers' augmentation seeds follow the sampler's (seed, epoch), so they repeat on resume.
-        seed = int(np.random.SeedSequence([getattr(batch_sampler, "seed", 0), getattr(batch_sampler, "epoch", 0)]).generate_state(1)[0])
-        loader = torch.utils.data.DataLoader(
-            _TrainImages(split, labels, self.train_transform), batch_sampler=batch_sampler,
-            **_loader_options(self.num_workers, self.device, seed),
-        )
-        for images, batch_labels, indices, learners in loader:
+        key = (split.name, split.num_images, hash(split.paths))
+        if self._train_loader is None or self._train_key != key:
+            self._train_loader = torch.utils.data.DataLoader(
+                _TrainImages(split, labels, self.train_transform), batch_sampler=self._epoch,
+                **self.loader.options(getattr(batch_sampler, "seed", 0), persistent=True),
+            )
+            self._train_key = key
+        self._epoch.sampler = batch_sampler
+        for images, batch_labels, indices, learners in self._train_loader:
             yield images, batch_labels, indices, int(learners[0])
 
-    def eval_batches(self, split: Split, indices: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, split: Split, indices: np.ndarray | None = None, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Test-transform inputs of ``split`` (or of its images ``indices``), in order, with their indices."""
         loader = torch.utils.data.DataLoader(
-            _EvalImages(split, self.test_transform, indices), batch_size=self.eval_batch_size, shuffle=False,
-            **_loader_options(self.num_workers, self.device),
+            _EvalImages(split, self.test_transform, indices), batch_size=batch_size or self.eval_batch_size, shuffle=False,
+            **self.loader.options(),
         )
         yield from loader
 
@@ -93,10 +142,11 @@ class CachedInputs:
 
     cached = True
 
-    def __init__(self, model, test_transform, num_workers: int, eval_batch_size: int, device: torch.device,
-                 progress: bool = True):
+    def __init__(self, model, test_transform, loader: LoaderSettings | int, eval_batch_size: int, device: torch.device,
+                 progress: bool = True, autocast=None):
         self._model = model
-        self._images = ImageInputs(None, test_transform, num_workers, eval_batch_size, device)
+        self._images = ImageInputs(None, test_transform, loader, eval_batch_size, device)
+        self._autocast = autocast if autocast is not None else contextlib.nullcontext
         self.eval_batch_size = eval_batch_size
         self.device = device
         self.progress = progress
@@ -125,7 +175,8 @@ class CachedInputs:
                                               disable=not self.progress, leave=False) as bar:
                 for batch, _ in self._images.eval_batches(split):
                     batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-                    parts.append(model.frozen_forward(batch).float().cpu())
+                    with self._autocast():
+                        parts.append(model.frozen_forward(batch).float().cpu())
                     bar.update(len(batch))
         finally:
             model.train(was_training)
@@ -140,9 +191,10 @@ class CachedInputs:
             indices = torch.as_tensor([index for index, _ in batch], dtype=torch.long)
             yield source[indices], labels_tensor[indices], indices, int(batch[0][1])
 
-    def eval_batches(self, split: Split, indices: np.ndarray | None = None):
+    def eval_batches(self, split: Split, indices: np.ndarray | None = None, batch_size: int | None = None):
         source = self.tensor(split)
         order = torch.arange(len(source)) if indices is None else torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        for start in range(0, len(order), self.eval_batch_size):
-            chunk = order[start : start + self.eval_batch_size]
+        step = batch_size or self.eval_batch_size
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
             yield (source[start : start + len(chunk)] if indices is None else source[chunk]), chunk

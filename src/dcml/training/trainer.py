@@ -9,6 +9,7 @@ Model selection uses the validation split only; the test report uses the selecte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,6 +25,7 @@ from dcml.data.records import Dataset, Split
 from dcml.errors import UserError
 from dcml.io import save_json_atomically, write_atomically
 from dcml.training import checkpoint as ckpt
+from dcml.training.distributed import SINGLE, Distributed
 from dcml.training.schedule import DIVIDE, FINETUNE, EpochPlan, plan_schedule
 
 LOG_FILE = "log.jsonl"
@@ -31,18 +33,47 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 #: Seeds of the per-epoch k-means: run seed x this + epoch, so epochs and runs never share one.
 KMEANS_SEED_STRIDE = 100_003
+#: Under torchrun rank r draws its dropout and negative-sampling randomness from seed + r x this.
+RANK_SEED_STRIDE = 1_000_003
+#: Progress-bar loss refresh period in batches (reading the loss waits for the GPU).
+LOSS_DISPLAY_EVERY = 25
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, distributed: Distributed = SINGLE) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; under torchrun each rank takes GPU ``LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device cuda requested but no CUDA GPU is available (use device=cpu)")
+    if device.type == "cuda" and distributed.enabled:
+        device = torch.device("cuda", distributed.local_rank)
     return device
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context-manager factory: bf16 autocast (CUDA; ``auto`` or ``bf16``) or nothing (the CPU, ``fp32``)."""
+    if precision == "bf16" and device.type != "cuda":
+        raise UserError("runtime.precision=bf16 needs a CUDA device; use auto (bf16 on CUDA, float32 on the CPU) or fp32")
+    if precision in ("auto", "bf16") and device.type == "cuda":
+        return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class TrainForward(torch.nn.Module):
+    """The differentiable part of a training step, as one module so DDP (and torch.compile) can wrap it:
+    inputs -> (pooled backbone features, raw embedding)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, cached: bool = False):
+        features = self.model.features(inputs, cached=cached)
+        return features, self.model.head(features)
 
 
 def seed_everything(seed: int) -> None:
@@ -84,15 +115,21 @@ class Trainer:
     """One training run. ``shared_inputs`` lets several runs in one process reuse cached features."""
 
     def __init__(self, config: TrainConfig, out_dir: Path | None, *, progress: bool = True, echo=None,
-                 dataset: Dataset | None = None, shared_inputs: dict | None = None):
+                 dataset: Dataset | None = None, shared_inputs: dict | None = None, distributed: Distributed = SINGLE):
         from dcml.losses import create_loss
         from dcml.models.embedding_model import build_model
 
         self.config = config
+        self.dist = distributed
+        if distributed.enabled and config.clustering.reuse_training_features:
+            raise UserError("clustering.reuse_training_features is not supported under torchrun (each rank sees only "
+                            "its own batches); set it to false")
         self.out_dir = None if out_dir is None else Path(out_dir).expanduser()
-        self.progress = progress
-        self.echo = echo if echo is not None else (lambda message: print(message, flush=True))
-        self.device = resolve_device(config.device)
+        self.progress = progress and distributed.is_main
+        echo = echo if echo is not None else (lambda message: print(message, flush=True))
+        self.echo = echo if distributed.is_main else (lambda message: None)
+        self.device = resolve_device(config.device, distributed)
+        self.autocast = autocast_for(config.runtime.precision, self.device)
         seed_everything(config.seed)
 
         self.dataset = dataset if dataset is not None else prepare_dataset(config)
@@ -102,6 +139,8 @@ class Trainer:
         self.train_labels = self.train_labels.astype(np.int64)
 
         self.model = build_model(config).to(self.device)
+        if config.runtime.channels_last and self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         validate_against_data(config, len(self.class_ids), self.model.backbone.num_units, self.dataset.evaluation.protocol.value)
         self._check_selection_metric()
 
@@ -116,6 +155,15 @@ class Trainer:
         self.optimizer = self._build_optimizer()
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.inputs = self._build_inputs(shared_inputs)
+        self.train_forward = TrainForward(self.model)
+        if config.runtime.compile:
+            self.train_forward.compile()
+        self._ddp = None  # the DistributedDataParallel wrapper of train_forward (torchrun only)
+        self._ddp_key = None
+        if distributed.enabled:
+            # Every rank starts from rank 0's weights (DDP broadcasts them); the randomness of
+            # dropout and negative sampling differs per rank.
+            seed_everything(config.seed + RANK_SEED_STRIDE * distributed.rank)
 
         self.plans = plan_schedule(config)
         self.active_learners = self.plans[0].active_learners  # how the full embedding is assembled now
@@ -128,7 +176,7 @@ class Trainer:
         self.best_state: dict | None = None
         self.best_val: dict | None = None
         self.history: list[dict] = []
-        self.timings = {"train": 0.0, "recluster_features": 0.0, "kmeans": 0.0, "validation": 0.0}
+        self.timings = {"train": 0.0, "recluster_features": 0.0, "kmeans": 0.0, "validation": 0.0, "data_wait": 0.0}
 
     # ------------------------------------------------------------------ setup
     def _check_selection_metric(self) -> None:
@@ -160,22 +208,24 @@ class Trainer:
         return (d.dataset, d.root, d.image_size, m.backbone, m.pretrained, m.weights, m.trainable_blocks)
 
     def _build_inputs(self, shared: dict | None):
-        from dcml.training.inputs import CachedInputs, ImageInputs
+        from dcml.training.inputs import CachedInputs, ImageInputs, LoaderSettings
 
-        d = self.config.data
+        d, r = self.config.data, self.config.runtime
         backbone = self.model.backbone
         test_transform = backbone.test_transform(d.image_size)
+        loader = LoaderSettings(num_workers=d.num_workers, pin_memory=r.pin_memory and self.device.type == "cuda",
+                                persistent_workers=r.persistent_workers, prefetch_factor=r.prefetch_factor)
         if not d.cache_frozen_features:
             if d.train_augmentation == "none":
                 train_transform = test_transform
             else:
                 train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
-            return ImageInputs(train_transform, test_transform, d.num_workers, d.eval_batch_size, self.device)
+            return ImageInputs(train_transform, test_transform, loader, d.eval_batch_size, self.device)
         key = self.input_cache_key()
         if shared is not None and key in shared:
             return shared[key]
         # The frozen units hold the same (pretrained) weights in every run that shares this key.
-        inputs = CachedInputs(self.model, test_transform, d.num_workers, d.eval_batch_size, self.device, self.progress)
+        inputs = CachedInputs(self.model, test_transform, loader, d.eval_batch_size, self.device, self.progress, self.autocast)
         if shared is not None:
             shared[key] = inputs
         return inputs
@@ -189,28 +239,47 @@ class Trainer:
     def embed(self, split: Split, space: str = "embedding", indices: np.ndarray | None = None) -> np.ndarray:
         """``space="embedding"``: the full embedding; ``"backbone"``: pooled backbone features.
 
-        ``indices``: only those images of the split (in that order).
+        ``indices``: only those images of the split (in that order). Under torchrun every rank
+        embeds its shard of the split and every rank gets the whole result.
         """
+        if indices is None and self.dist.enabled:
+            local = self._embed_local(split, space, self.dist.shard(split.num_images))
+            return self.dist.gather_rows(local, split.num_images)
+        return self._embed_local(split, space, indices)
+
+    def _embed_local(self, split: Split, space: str, indices: np.ndarray | None) -> np.ndarray:
         model = self.model
         was_training = model.training
         model.eval()
         parts = []
+        batch_size = self.config.runtime.feature_batch_size
         try:
             with torch.inference_mode():
-                for inputs, _ in self.inputs.eval_batches(split, indices):
-                    features = model.features(self._to_device(inputs), cached=self.inputs.cached)
+                for inputs, _ in self.inputs.eval_batches(split, indices, batch_size):
+                    with self.autocast():
+                        features = model.features(self._to_device(inputs), cached=self.inputs.cached)
+                        if space == "embedding":
+                            features = model.head(features)
                     if space == "embedding":
-                        features = model.head.full_embedding(model.head(features), self.active_learners)
+                        features = model.head.full_embedding(features.float(), self.active_learners)
                     parts.append(features.float().cpu())
         finally:
             model.train(was_training)
+        if not parts:
+            width = model.head.dim if space == "embedding" else model.backbone.feature_dim
+            return np.zeros((0, width), dtype=np.float32)
         return torch.cat(parts).numpy()
 
     def evaluate(self, split: str | None = None, with_nmi: bool = True, space: str = "embedding") -> dict:
-        """Metrics rows of the dataset's protocol (``split=None``: the test data) for the current weights."""
-        from dcml.evaluation.runner import evaluate_dataset
+        """Metrics rows of the dataset's protocol (``split=None``: the test data) for the current weights.
 
-        return evaluate_dataset(self.dataset, lambda s: self.embed(s, space), split=split, with_nmi=with_nmi, seed=self.config.seed)
+        Under torchrun every rank embeds its shard; rank 0 computes the metrics and shares them.
+        """
+        from dcml.evaluation.runner import evaluate_dataset, splits_to_embed
+
+        embeddings = {name: self.embed(self.dataset.split(name), space) for name in splits_to_embed(self.dataset, split)}
+        return self.dist.on_main(lambda: evaluate_dataset(self.dataset, lambda s: embeddings[s.name], split=split,
+                                                          with_nmi=with_nmi, seed=self.config.seed))
 
     # ------------------------------------------------------------------ clustering
     def recluster(self, plan: EpochPlan) -> None:
@@ -228,12 +297,16 @@ class Trainer:
         start = time.perf_counter()
         options = dict(unit=c.unit, backend=c.backend, iterations=c.kmeans_iterations,
                        seed=self.config.seed * KMEANS_SEED_STRIDE + plan.epoch, min_classes_per_cluster=c.min_classes_per_cluster)
-        if c.hierarchical and previous is not None and plan.active_learners == 2 * previous.num_clusters:
-            self.clustering = split_clusters(features, self.train_labels, previous.assignment, **options)
-        else:
+
+        def kmeans():
+            if c.hierarchical and previous is not None and plan.active_learners == 2 * previous.num_clusters:
+                return split_clusters(features, self.train_labels, previous.assignment, **options)
             same_k = previous is not None and previous.num_clusters == plan.active_learners
-            self.clustering = cluster_training_set(features, self.train_labels, plan.active_learners,
-                                                   previous=previous.assignment if same_k else None, **options)
+            return cluster_training_set(features, self.train_labels, plan.active_learners,
+                                        previous=previous.assignment if same_k else None, **options)
+
+        # One k-means (rank 0's) for the whole run: every rank then trains with the same clusters.
+        self.clustering = self.dist.on_main(kmeans)
         self.timings["kmeans"] += time.perf_counter() - start
 
     def _cluster_features(self, plan: EpochPlan) -> np.ndarray:
@@ -253,7 +326,9 @@ class Trainer:
         head.eval()
         with torch.inference_mode():
             features = torch.from_numpy(bank).to(self.device)
-            embedding = head.full_embedding(head(features), self.active_learners).float().cpu().numpy()
+            with self.autocast():
+                raw = head(features)
+            embedding = head.full_embedding(raw.float(), self.active_learners).float().cpu().numpy()
         head.train(was_training)
         return embedding
 
@@ -269,6 +344,25 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * plan.lr_scale
 
+    def _forward_module(self, plan: EpochPlan) -> torch.nn.Module:
+        """train_forward, under torchrun wrapped in DDP for this epoch's set of trainable parameters.
+
+        DDP fixes the parameters it synchronises when it is built, so a backbone freeze (or the masks
+        leaving the loss after the divide phase) builds a new wrapper; the old one is dropped first.
+        """
+        if not self.dist.enabled:
+            return self.train_forward
+        key = tuple(name for name, p in self.train_forward.named_parameters() if p.requires_grad)
+        if self._ddp is None or self._ddp_key != key:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = None
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = DistributedDataParallel(self.train_forward, device_ids=device_ids,
+                                                broadcast_buffers=not self.config.model.freeze_bn_stats)
+            self._ddp_key = key
+        return self._ddp
+
     def train_epoch(self, plan: EpochPlan) -> dict:
         from tqdm import tqdm
 
@@ -277,26 +371,39 @@ class Trainer:
         s = self.config.sampler
         sampler = ClusterBatchSampler(self.train_labels, self.clustering, classes_per_batch=s.classes_per_batch,
                                       images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed,
-                                      batches_per_epoch=s.batches_per_epoch)
+                                      batches_per_epoch=s.batches_per_epoch, num_replicas=self.dist.world_size, rank=self.dist.rank)
         sampler.set_epoch(plan.epoch)
         self.model.train()
         self.model.set_backbone_trainable(not plan.backbone_frozen)
         head = self.model.head
+        if head.masks is not None:
+            head.masks.requires_grad_(plan.phase == DIVIDE)  # the conquer/finetune loss does not use the masks
+        forward = self._forward_module(plan)
         mask_weight = self.config.model.mask_regularization if head.masks is not None and plan.phase == DIVIDE else 0.0
-        total, batches, images = 0.0, 0, 0
+        loss_parameters = list(self.loss.learnable_parameters())
+        batches, images, data_wait = 0, 0, 0.0
         keep = self._keeps_features_for(plan)
         bank = np.full((len(self.train_labels), self.model.backbone.feature_dim), np.nan, dtype=np.float32) if keep else None
-        learner_losses = np.zeros(plan.active_learners)
+        # Summed on the device and read once at the end: reading a loss every step would wait for the GPU.
+        learner_losses = torch.zeros(plan.active_learners, dtype=torch.float64, device=self.device)
         learner_batches = np.zeros(plan.active_learners, dtype=np.int64)
         bar = tqdm(total=len(sampler), unit="batch", desc=f"epoch {plan.epoch + 1}/{len(self.plans)} {plan.phase}",
                    disable=not self.progress, leave=False)
+        batch_iterator = iter(self.inputs.train_batches(self.train_split, self.train_labels, sampler))
         with bar:
-            for inputs, labels, indices, learner in self.inputs.train_batches(self.train_split, self.train_labels, sampler):
-                labels = labels.to(self.device)
-                features = self.model.features(self._to_device(inputs), cached=self.inputs.cached)
+            while True:
+                wait_start = time.perf_counter()
+                item = next(batch_iterator, None)
+                data_wait += time.perf_counter() - wait_start
+                if item is None:
+                    break
+                inputs, labels, indices, learner = item
+                labels = labels.to(self.device, non_blocking=True)
+                with self.autocast():
+                    features, raw = forward(self._to_device(inputs), cached=self.inputs.cached)
+                raw = raw.float()
                 if bank is not None:
                     bank[indices.numpy()] = features.detach().float().cpu().numpy()
-                raw = head(features)
                 if plan.phase == DIVIDE:
                     embeddings = head.learner_embedding(raw, learner, plan.active_learners)
                 else:
@@ -307,23 +414,34 @@ class Trainer:
                     loss = loss + mask_weight * head.mask_similarity()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                self.dist.average_gradients(loss_parameters)
                 self.optimizer.step()
-                value = float(loss.detach())
-                total += value
+                learner_losses[learner] += loss.detach()
                 batches += 1
                 images += len(labels)
-                learner_losses[learner] += value
                 learner_batches[learner] += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{total / batches:.4f}")
+                if self.progress and (batches % LOSS_DISPLAY_EVERY == 0 or batches == len(sampler)):
+                    bar.set_postfix(loss=f"{float(learner_losses.sum()) / batches:.4f}")
         self.model.set_backbone_trainable(True)
+        if head.masks is not None:
+            head.masks.requires_grad_(True)
         if bank is not None:
             self._feature_bank, self._feature_bank_epoch = bank, plan.epoch
+        self.timings["data_wait"] += data_wait
+        sums = learner_losses.cpu().numpy()
+        if self.dist.enabled:  # the log reports the loss over every rank's batches
+            shares = self.dist.all_gather_objects((sums, learner_batches, images))
+            sums = sum(share[0] for share in shares)
+            learner_batches = sum(share[1] for share in shares)
+            images = sum(share[2] for share in shares)
+            batches = int(learner_batches.sum())
         return {
-            "loss": total / max(batches, 1),
+            "loss": float(sums.sum()) / max(batches, 1),
             "batches": batches,
             "images": images,
-            "learner_loss": [float(l / n) if n else None for l, n in zip(learner_losses, learner_batches)],
+            "learner_loss": [float(l / n) if n else None for l, n in zip(sums, learner_batches)],
+            "data_wait_seconds": data_wait,
         }
 
     # ------------------------------------------------------------------ run
@@ -350,7 +468,10 @@ class Trainer:
                 record["cluster_classes"] = self.clustering.classes_per_cluster().tolist()
             train_start = time.perf_counter()
             record.update(self.train_epoch(plan))
-            self.timings["train"] += time.perf_counter() - train_start
+            train_seconds = time.perf_counter() - train_start
+            self.timings["train"] += train_seconds
+            record["images_per_second"] = record["images"] / max(train_seconds, 1e-9)
+            record["data_wait_share"] = record["data_wait_seconds"] / max(train_seconds, 1e-9)
             is_last = plan.epoch == len(plans) - 1
             if (plan.epoch + 1) % self.config.evaluation.every == 0 or is_last:
                 val_start = time.perf_counter()
@@ -404,9 +525,14 @@ class Trainer:
             "timings": dict(self.timings),
             "recluster_share": total_recluster / max(sum(self.timings[k] for k in ("train", "recluster_features", "kmeans")), 1e-9),
         }
-        if self.out_dir is not None:
+        if self.writes_files:
             save_json_atomically(self.out_dir / METRICS_FILE, result)
         return result
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes the run's files (it has an output folder and is rank 0)."""
+        return self.out_dir is not None and self.dist.is_main
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, next_epoch: int) -> dict:
@@ -434,12 +560,19 @@ class Trainer:
     def _save_last(self, next_epoch: int) -> None:
         if self.out_dir is None:
             return
-        ckpt.save_checkpoint(self.out_dir / ckpt.LAST, self._state(next_epoch))
+        # Collective: every rank hands over its RNG state, so a resumed torchrun run continues each rank's streams.
+        rng_per_rank = self.dist.all_gather_objects(ckpt.rng_state()) if self.dist.enabled else None
+        if not self.dist.is_main:
+            return
+        state = self._state(next_epoch)
+        if rng_per_rank is not None:
+            state["rng_per_rank"] = rng_per_rank
+        ckpt.save_checkpoint(self.out_dir / ckpt.LAST, state)
         lines = "".join(json.dumps(record) + "\n" for record in self.history).encode()
         write_atomically({self.out_dir / LOG_FILE: lambda stream: stream.write(lines)})
 
     def _save_best(self) -> None:
-        if self.out_dir is None:
+        if not self.writes_files:
             return
         ckpt.save_checkpoint(self.out_dir / ckpt.BEST, {"config": self.config.to_dict(), "model": self.best_state,
                                                         "epoch": self.best_epoch, "val": self.best_val,
@@ -458,8 +591,10 @@ class Trainer:
                                          num_clusters=int(c["num_clusters"]), labels=self.train_labels)
         best = checkpoint["best"]
         self.best_score, self.best_epoch, self.best_val = best["score"], best["epoch"], best["val"]
-        if self.best_epoch is not None and self.out_dir is not None and (self.out_dir / ckpt.BEST).is_file():
-            self.best_state = ckpt.load_checkpoint(self.out_dir / ckpt.BEST)["model"]
+        if self.best_epoch is not None and self.out_dir is not None:
+            # Every rank needs the selected weights for the sharded test pass; rank 0 reads the file.
+            best = self.out_dir / ckpt.BEST
+            self.best_state = self.dist.on_main(lambda: ckpt.load_checkpoint(best)["model"] if best.is_file() else None)
         self.history = list(checkpoint["history"])
         self.timings = dict(checkpoint["timings"])
         self.start_epoch = int(checkpoint["next_epoch"])
@@ -467,7 +602,14 @@ class Trainer:
         if checkpoint.get("feature_bank") is not None:
             self._feature_bank = checkpoint["feature_bank"].numpy().copy()
             self._feature_bank_epoch = checkpoint["feature_bank_epoch"]
-        ckpt.restore_rng_state(checkpoint["rng"])
+        per_rank = checkpoint.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            ckpt.restore_rng_state(per_rank[self.dist.rank])
+        elif not self.dist.enabled:
+            ckpt.restore_rng_state(checkpoint["rng"])
+        else:
+            # Another number of ranks than the run was saved with: continue with fresh per-rank streams.
+            seed_everything(self.config.seed + RANK_SEED_STRIDE * self.dist.rank + int(checkpoint["next_epoch"]))
 
 
 def write_config(out_dir: Path, config: TrainConfig) -> None:

@@ -1,0 +1,63 @@
+"""Entry point that `torchrun` starts in the distributed tests (not a test module itself).
+
+    torchrun --nproc_per_node 2 ddp_worker.py step OUT ROOT      # one re-clustering + one epoch, dump state
+    torchrun --nproc_per_node 2 ddp_worker.py cli ARGS...         # `dcml ARGS...` with the tiny test backbone
+
+Both register the tiny test backbone first (tests/training/conftest.py), which a plain
+`python -m dcml` would not know.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import conftest  # noqa: E402  (registers the tiny backbone)
+import torch  # noqa: E402
+
+
+def one_step(out: Path, root: Path) -> None:
+    from dcml.config import load_config
+    from dcml.training import distributed
+    from dcml.training.trainer import Trainer
+
+    overrides = conftest.tiny_overrides(root) + ["runtime.distributed_backend=gloo", "sampler.batches_per_epoch=4",
+                                             "clustering.reuse_training_features=false"]
+    config = load_config("emoji", overrides)
+    dist = distributed.setup(config.device, "gloo")
+    try:
+        trainer = Trainer(config, None, progress=False, distributed=dist)
+        plan = trainer.plans[0]
+        trainer.recluster(plan)
+        initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        record = trainer.train_epoch(plan)
+        val = trainer.evaluate("val", with_nmi=False)
+        torch.save({
+            "assignment": torch.from_numpy(trainer.clustering.assignment),
+            "usable": torch.from_numpy(trainer.clustering.usable),
+            "initial": initial,
+            "model": trainer.model.state_dict(),
+            "beta": [p.detach().clone() for p in trainer.loss.learnable_parameters()],
+            "record": record,
+            "val": val,
+            "shard": torch.from_numpy(dist.shard(trainer.train_split.num_images)),
+        }, out / f"rank{dist.rank}.pt")
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mode, *rest = sys.argv[1:]
+    if mode == "step":
+        one_step(Path(rest[0]), Path(rest[1]))
+    elif mode == "cli":
+        from dcml.cli import main
+
+        sys.exit(main(rest))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
