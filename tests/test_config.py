@@ -4,19 +4,24 @@ from dcml.config import TrainConfig, available_presets, load_config, parse_overr
 from dcml.errors import UserError
 
 
-def test_emoji_preset_sets_every_field_explicitly():
+def test_bundled_presets():
+    assert {"emoji", "cub200", "cars196", "sop", "inshop", "vehicleid", "cub200-tpami", "cars196-tpami", "sop-tpami",
+            "inshop-tpami", "vehicleid-tpami"} <= set(available_presets())
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_preset_sets_every_field_explicitly(preset):
     import yaml
 
     from dcml.config import preset_path
 
-    raw = yaml.safe_load(preset_path("emoji").read_text())
+    raw = yaml.safe_load(preset_path(preset).read_text())
     defaults = TrainConfig().to_dict()
+    assert set(raw) == set(defaults), preset
     for section, fields in defaults.items():
         if isinstance(fields, dict):
-            assert set(raw[section]) == set(fields), section
-        else:
-            assert section in raw
-    assert "emoji" in available_presets()
+            assert set(raw[section]) == set(fields), f"{preset}: {section}"
+    load_config(preset)  # and it is valid
 
 
 def test_overrides_are_parsed_as_yaml_and_nest():
