@@ -153,3 +153,97 @@ def make_folder(root: Path, classes: dict[str, list[str]]) -> Path:
         for name in names:
             write_image(root / folder / name)
     return root
+
+
+# ------------------------------------------------------------------------------------------------
+# Larger replicas for the paper presets: enough training classes that K learners x 2 classes and
+# P classes per batch still fit after the 15% validation carve (90 training classes keep 76).
+# Each builder returns the argument the matching ``make_*`` takes; ``make_replica`` ties them up.
+
+
+def cub_classes(train: int, test: int, images: int = 2) -> dict[int, int]:
+    """Classes 1..train (CUB's training range) and 101.. (its test range), ``images`` each."""
+    if not (1 <= train <= 100 and 1 <= test <= 100):
+        raise ValueError("CUB holds 100 training and 100 test classes")
+    return {class_id: images for class_id in [*range(1, train + 1), *range(101, 101 + test)]}
+
+
+def cars_images(train: int, test: int, images: int = 2) -> list[tuple[int, int]]:
+    """Classes 1..train (CARS196's training range) and 99.. (its test range), ``images`` each."""
+    if not (1 <= train <= 98 and 1 <= test <= 98):
+        raise ValueError("CARS196 holds 98 training and 98 test classes")
+    return [(class_id, 0) for class_id in [*range(1, train + 1), *range(99, 99 + test)] for _ in range(images)]
+
+
+SOP_SUPER_CLASSES = ("bicycle", "cabinet", "chair", "coffee_maker")
+
+
+def sop_rows(train: int, test: int, images: int = 2) -> dict[str, list[tuple[int, int, str]]]:
+    """Training classes 1..train, test classes 11319.. (as in Ebay_*.txt), super classes in turn."""
+
+    def rows(first: int, count: int) -> list[tuple[int, int, str]]:
+        return [
+            (class_id, (class_id % len(SOP_SUPER_CLASSES)) + 1, SOP_SUPER_CLASSES[class_id % len(SOP_SUPER_CLASSES)])
+            for class_id in range(first, first + count)
+            for _ in range(images)
+        ]
+
+    return {"train": rows(1, train), "test": rows(11_319, test)}
+
+
+INSHOP_CATEGORIES = ("WOMEN/Dresses", "MEN/Denim", "WOMEN/Skirts", "MEN/Shirts")
+
+
+def inshop_rows(train: int, test: int, images: int = 2) -> list[tuple[str, int, str]]:
+    """Training items 1..train; test items after them, each one gallery image and the rest queries."""
+    if images < 2:
+        raise ValueError("an In-shop test item needs a query and a gallery image")
+    rows = [(INSHOP_CATEGORIES[item % 4], item, "train") for item in range(1, train + 1) for _ in range(images)]
+    for item in range(train + 1, train + test + 1):
+        rows.append((INSHOP_CATEGORIES[item % 4], item, "gallery"))
+        rows += [(INSHOP_CATEGORIES[item % 4], item, "query")] * (images - 1)
+    return rows
+
+
+def vehicleid_lists(train: int, test: int, images: int = 2) -> dict[str, list[tuple[int, int]]]:
+    """``train`` vehicles in train_list.txt; ``test`` vehicles in test_list_2400.txt, the first third
+    of them in test_list_800.txt and two thirds in test_list_1600.txt (nested, as distributed)."""
+    image = 0
+
+    def vehicles(first: int, count: int) -> list[tuple[int, int]]:
+        nonlocal image
+        entries = []
+        for vehicle in range(first, first + count):
+            for _ in range(images):
+                image += 1
+                entries.append((image, vehicle))
+        return entries
+
+    train_entries = vehicles(1, train)
+    test_entries = vehicles(100_001, test)
+    per_vehicle = images
+
+    def first(count: int) -> list[tuple[int, int]]:
+        return test_entries[: max(1, count) * per_vehicle]
+
+    return {
+        "train_list.txt": train_entries,
+        "test_list_800.txt": first(-(-test // 3)),
+        "test_list_1600.txt": first(-(-2 * test // 3)),
+        "test_list_2400.txt": test_entries,
+    }
+
+
+REPLICA_LAYOUTS = {
+    "cub200": (make_cub, cub_classes),
+    "cars196": (make_cars, cars_images),
+    "sop": (make_sop, sop_rows),
+    "inshop": (make_inshop, inshop_rows),
+    "vehicleid": (make_vehicleid, vehicleid_lists),
+}
+
+
+def make_replica(name: str, root: Path, *, train_classes: int = 90, test_classes: int = 10, images_per_class: int = 2) -> Path:
+    """A miniature of benchmark ``name`` with the given class counts (``images_per_class`` each)."""
+    make, layout = REPLICA_LAYOUTS[name]
+    return make(root, layout(train_classes, test_classes, images_per_class))
