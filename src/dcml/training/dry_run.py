@@ -1,21 +1,234 @@
-"""`dcml train --dry-run`: everything that can be checked before training, as a printable report."""
+"""`dcml train --dry-run`: everything that can be checked before training, as a printable report.
+
+The dry run reads the dataset (its layout, the validation carve), resolves the device, builds the
+backbone's structure (on the ``meta`` device: no weights, no memory) and runs the checks the trainer
+runs before its first step: the settings against the dataset and the backbone, the selection metric
+against the validation split, the loss settings, a ``model.weights`` file (read and fitted to the
+backbone). Whether the default pretrained weights are available offline is reported as a warning
+line, not an error: training would stop there, and the line says how to fix it. Nothing is written.
+Problems are the usual one-line :class:`~dcml.errors.UserError` / :class:`~dcml.errors.DatasetError`.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+
 from dcml.config import TrainConfig
+from dcml.errors import MissingDependencyError, UserError
 
 
 def dry_run_report(config: TrainConfig) -> str:
-    """The resolved configuration, the dataset's split counts and the planned schedule."""
+    """The resolved configuration, the dataset's split counts, the checks and the planned schedule."""
     import yaml
 
+    from dcml.config import validate_against_data
     from dcml.training.schedule import describe_schedule, plan_schedule
-    from dcml.training.trainer import prepare_dataset
+    from dcml.training.trainer import autocast_for, prepare_dataset, resolve_device
 
-    dataset = prepare_dataset(config)
+    dataset = prepare_dataset(config)  # reads the layout; carves the validation classes if needed
+    device = resolve_device(config.device)
+    autocast_for(config.runtime.precision, device)  # bf16 needs CUDA
+    check_distributed(config)
+    train, val = dataset.split("train"), dataset.split("val")
+    num_train_classes = len(np.unique(train.labels))
+    protocol = dataset.evaluation.protocol.value
+    blocks = backbone_blocks(config.model.backbone)
+    validate_against_data(config, num_train_classes, blocks, protocol)
+    check_selection_metric(config, val)
+    check_loss(config, num_train_classes)
+    weights = weights_status(config)
+    plans = plan_schedule(config)
+
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip()]
     lines.append(f"# dataset {dataset.name}: " + ", ".join(
         f"{n} {s.num_classes} classes / {s.num_images} images" for n, s in dataset.splits.items()))
+    lines.append("# summary")
+    lines += summary_lines(config, dataset, device, blocks, plans)
+    lines.append(weights)
     lines.append("# schedule")
-    lines.append(describe_schedule(plan_schedule(config)))
+    lines.append(describe_schedule(plans))
+    if weights.startswith("warning"):
+        lines.append("# every other check passed; training would stop when it loads the backbone's weights (see the warning)")
+    else:
+        lines.append("# all checks passed: the same command without --dry-run would start training")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- checks
+def backbone_blocks(name: str) -> int | None:
+    """How many blocks (units) backbone ``name`` has, from its structure alone.
+
+    Built on the ``meta`` device with ``pretrained=False``: no weights are read and no memory is
+    allocated, so even ResNet-50 takes milliseconds.
+    """
+    import torch
+
+    from dcml.models.backbones import create_backbone
+
+    with torch.device("meta"):
+        return create_backbone(name, pretrained=False).num_units
+
+
+def check_distributed(config: TrainConfig) -> None:
+    """Under torchrun: what the trainer and the process-group set-up would refuse."""
+    import torch
+
+    from dcml.training.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return
+    if config.clustering.reuse_training_features:
+        raise UserError("clustering.reuse_training_features is not supported under torchrun; set it to false")
+    use_cuda = config.device != "cpu" and torch.cuda.is_available()
+    if config.runtime.distributed_backend == "nccl" and not use_cuda:
+        raise UserError("runtime.distributed_backend=nccl needs CUDA GPUs; use gloo (or auto) on the CPU")
+
+
+def check_selection_metric(config: TrainConfig, val) -> None:
+    """The validation split must give the row ``evaluation.selection_metric`` names (as the trainer checks)."""
+    row, _, metric = config.evaluation.selection_metric.partition("/")
+    rows = ("leave_one_out", "cross_vendor") if val.groups is not None else ("leave_one_out",)
+    if row not in rows or not metric:
+        raise UserError(
+            f"evaluation.selection_metric {config.evaluation.selection_metric!r}: validation gives rows "
+            f"{', '.join(rows)}; use e.g. {rows[-1]}/recall@1 or {rows[-1]}/map@r"
+        )
+
+
+def check_loss(config: TrainConfig, num_classes: int) -> None:
+    """Build the loss the trainer would build (unknown PML losses or settings fail here)."""
+    from dcml.losses import create_loss
+
+    lo = config.loss
+    settings = {
+        "margin": {"alpha": lo.alpha, "beta": lo.beta, "nu": lo.nu, "beta_mode": lo.beta_mode},
+        "triplet": {"margin": lo.triplet_margin},
+        "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner,
+                "loss_kwargs": lo.pml_kwargs, "miner_kwargs": lo.pml_miner_kwargs},
+    }[lo.name]
+    create_loss(lo.name, num_learners=config.clustering.learners, num_classes=num_classes, **settings)
+
+
+def default_weights_path(backbone: str) -> Path | None:
+    """Where ``backbone``'s default pretrained weights are read from, offline (None: not known here).
+
+    Raises :class:`~dcml.errors.MissingDependencyError` when they are not available offline.
+    """
+    from dcml.models import backbones
+
+    if backbone == "efficientnet_lite0":
+        return backbones.efficientnet_lite0_weights_path()
+    if backbone in ("resnet18", "resnet50"):
+        return backbones.cached_torchvision_weights(backbone)
+    return None
+
+
+def weights_status(config: TrainConfig) -> str:
+    """One line: which weights training would load, or a warning that it would stop and how to fix it.
+
+    A ``model.weights`` file is read and fitted to the backbone (a missing or unfitting file is a
+    UserError, as in training); default pretrained weights are only looked up, never loaded.
+    """
+    from dcml.models.backbones import create_backbone
+
+    m = config.model
+    if m.weights is not None:
+        path = Path(m.weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.weights: weights file {path} not found (--weights PATH)")
+        create_backbone(m.backbone, pretrained=False, weights=path)  # reads the file, checks it fits
+        return f"weights: {path} (fits {m.backbone})"
+    if not m.pretrained:
+        return f"weights: none, {m.backbone} starts from a random initialisation (model.pretrained=false)"
+    try:
+        path = default_weights_path(m.backbone)
+    except MissingDependencyError as error:
+        return f"warning: training would stop here: {error}"
+    if path is None:
+        return f"weights: {m.backbone}'s own pretrained weights (not checked by the dry run)"
+    return f"weights: ImageNet {m.backbone} available offline ({path})"
+
+
+# ---------------------------------------------------------------------------- summary
+def epoch_list(epochs: list[int]) -> str:
+    """``[1, 3, 5, 7, 9, 12]`` -> ``"1, 3, ..., 9 (every 2), 12"``: runs of 4+ equal steps shortened."""
+    parts: list[str] = []
+    i = 0
+    while i < len(epochs):
+        j = i
+        if i + 1 < len(epochs):
+            step = epochs[i + 1] - epochs[i]
+            while j + 1 < len(epochs) and epochs[j + 1] - epochs[j] == step:
+                j += 1
+            if j - i + 1 >= 4:
+                parts.append(f"{epochs[i]}, {epochs[i] + step}, ..., {epochs[j]} (every {step})")
+                i = j + 1
+                continue
+        parts.append(str(epochs[i]))
+        i += 1
+    return ", ".join(parts)
+
+
+def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plans) -> list[str]:
+    from dcml.training.schedule import CONQUER, DIVIDE, FINETUNE
+
+    c, s, m, d, sc = config.clustering, config.sampler, config.model, config.data, config.schedule
+    spec = dataset.evaluation
+    val = dataset.split("val")
+    head = (f"learned masks over all {m.embedding_dim} dims" if m.learner_head == "masks"
+            else f"fixed slices of {m.embedding_dim // c.learners} dims")
+    division = "hierarchical 1 -> 2 -> ... -> K" if c.hierarchical else "flat k-means"
+    epoch_rule = (f"{s.batches_per_epoch} batches per epoch" if s.batches_per_epoch is not None
+                  else f"an epoch lasts until the {s.epoch_length} cluster's classes are used")
+    trainable = "all" if m.trainable_blocks is None else f"the last {m.trainable_blocks}"
+    lines = [
+        f"protocol: {spec.protocol.value} on {', '.join(spec.splits)}; Recall@K for K = {', '.join(map(str, spec.recall_ks))}",
+        f"selection: {config.evaluation.selection_metric} on the {val.num_classes} validation classes "
+        f"({val.num_images} images), " + ("after every epoch" if config.evaluation.every == 1
+                                           else f"every {config.evaluation.every} epochs and after the last"),
+        f"learners: K = {c.learners}, {head} (d = {m.embedding_dim}), {division} on {c.space} features "
+        f"every {c.recluster_every} epochs",
+        f"batch: P x M = {s.classes_per_batch} classes x {s.images_per_class} images = "
+        f"{s.classes_per_batch * s.images_per_class} images from one cluster; {epoch_rule}",
+        f"images: {d.image_size} px, train augmentation {d.train_augmentation}; backbone {m.backbone} "
+        f"({blocks if blocks is not None else '?'} blocks, {trainable} trainable); device {device}",
+    ]
+    import os
+
+    from dcml.training.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        lines.append(f"processes: {world} torchrun ranks; each draws its own share of an epoch's batches "
+                     f"({world} batches per optimiser step)")
+    else:
+        lines.append("processes: 1 (under torchrun --nproc_per_node N each rank draws its own batches: "
+                     "N batches per optimiser step)")
+    phases = {phase: [p.epoch + 1 for p in plans if p.phase == phase] for phase in (DIVIDE, CONQUER, FINETUNE)}
+    span = lambda epochs: f"{epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else f"{epochs[0]}"  # noqa: E731
+    parts = [f"{len(plans)} epochs"]
+    if phases[DIVIDE]:
+        parts.append(f"divide in epochs {span(phases[DIVIDE])}")
+    if phases[CONQUER]:
+        parts.append(f"conquer (full embedding) from epoch {phases[CONQUER][0]} (schedule.conquer_epoch={sc.conquer_epoch})")
+    if phases[FINETUNE]:
+        parts.append(f"K = 1 fine-tuning from epoch {phases[FINETUNE][0]} (schedule.finetune_epoch={sc.finetune_epoch})")
+    lines.append("schedule: " + "; ".join(parts))
+    kmeans = [p.epoch + 1 for p in plans if p.recluster and p.active_learners > 1]
+    if kmeans:
+        lines.append(f"re-clustering (k-means) before epochs {epoch_list(kmeans)}: {len(kmeans)} passes over the training set")
+    else:
+        lines.append("re-clustering: none (a single learner)")
+    growth = [(p.epoch + 1, p.active_learners) for i, p in enumerate(plans)
+              if p.phase != FINETUNE and (i == 0 or p.active_learners != plans[i - 1].active_learners)]
+    if c.hierarchical and len(growth) > 1:
+        lines.append("hierarchical division: " + ", ".join(f"K = {k} from epoch {e}" for e, k in growth))
+    frozen = [p.epoch + 1 for p in plans if p.backbone_frozen]
+    if frozen:
+        lines.append(f"backbone frozen in epochs {epoch_list(frozen)}")
+    decayed = sorted({p.lr_scale for p in plans})
+    if decayed != [1.0]:
+        lines.append(f"learning rate x {config.optimizer.lr_decay_factor:g} every {config.optimizer.lr_decay_every} epochs")
+    return lines
