@@ -154,3 +154,15 @@ def test_a_fixed_epoch_length_is_the_same_for_every_k():
     assert len(half) == len(list(half)) == 5
     with pytest.raises(UserError, match="batches per epoch"):
         sampler_for(batches_per_epoch=0)
+
+
+def test_a_pass_in_images_counts_batches_as_the_authors_code():
+    # Cluster 0: 10 classes of 12 images (120 usable); cluster 1: 3 classes of 3 images (9 usable).
+    sizes = [[12] * 10, [3] * 3]
+    _, _, by_images = sampler_for(sizes, pass_unit="images", classes_per_batch=2, images_per_class=3)
+    _, _, by_classes = sampler_for(sizes, pass_unit="classes", classes_per_batch=2, images_per_class=3)
+    np.testing.assert_array_equal(by_images.batches_per_cluster(), [120 // 6, 1])  # at least one batch
+    np.testing.assert_array_equal(by_classes.batches_per_cluster(), [5, 2])
+    assert len(by_images) == 2 * 20  # clusters take turns until the largest pass ends
+    with pytest.raises(UserError, match="pass unit"):
+        sampler_for(pass_unit="pixels")

@@ -78,6 +78,9 @@ class SamplerConfig:
     classes_per_batch: int = 20  # P
     images_per_class: int = 4  # M
     epoch_length: Literal["largest", "smallest"] = "largest"
+    # What one pass over a cluster is: "classes" (each usable class once: ceil(classes / P) batches)
+    # or "images" (the authors' code: floor(images / (P x M)) batches).
+    pass_unit: Literal["classes", "images"] = "classes"
     # A fixed number of batches per epoch whatever K (overrides epoch_length): equal budgets.
     batches_per_epoch: Optional[int] = None
 

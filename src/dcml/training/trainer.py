@@ -371,7 +371,8 @@ class Trainer:
         s = self.config.sampler
         sampler = ClusterBatchSampler(self.train_labels, self.clustering, classes_per_batch=s.classes_per_batch,
                                       images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed,
-                                      batches_per_epoch=s.batches_per_epoch, num_replicas=self.dist.world_size, rank=self.dist.rank)
+                                      batches_per_epoch=s.batches_per_epoch, pass_unit=s.pass_unit,
+                                      num_replicas=self.dist.world_size, rank=self.dist.rank)
         sampler.set_epoch(plan.epoch)
         self.model.train()
         self.model.set_backbone_trainable(not plan.backbone_frozen)
