@@ -88,7 +88,7 @@ def test_recipe_values(preset):
     assert c.optimizer.lr_decay_every is None
     assert (c.clustering.recluster_every, c.clustering.space, c.clustering.unit) == (2, "backbone", "image")
     assert c.clustering.recluster_after_conquer and not c.clustering.reuse_training_features
-    assert (c.sampler.epoch_length, c.sampler.batches_per_epoch) == ("largest", None)
+    assert (c.sampler.epoch_length, c.sampler.pass_unit, c.sampler.batches_per_epoch) == ("largest", "images", None)
     assert c.evaluation.selection_metric == "leave_one_out/recall@1"
     if preset.endswith("-tpami"):
         assert (c.model.learner_head, c.model.mask_lr_multiplier, c.model.mask_regularization) == ("masks", 100.0, 0.01)
@@ -121,6 +121,7 @@ def test_dry_run_names_the_conquer_and_reclustering_epochs(replicas, tmp_path, c
     assert "protocol: leave_one_out on test; Recall@K for K = 1, 2, 4, 8" in printed
     assert "learners: K = 4, fixed slices of 32 dims (d = 128)" in printed
     assert "batch: P x M = 20 classes x 4 images = 80 images" in printed and "images: 224 px" in printed
+    assert "an epoch runs until the largest cluster's pass over its images is done" in printed
     assert ("schedule: 200 epochs; divide in epochs 1-80; conquer (full embedding) from epoch 81 "
             "(schedule.conquer_epoch=80); K = 1 fine-tuning from epoch 191") in printed
     assert "re-clustering (k-means) before epochs 1, 3, ..., 189 (every 2): 95 passes" in printed

@@ -181,7 +181,7 @@ def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plan
             else f"fixed slices of {m.embedding_dim // c.learners} dims")
     division = "hierarchical 1 -> 2 -> ... -> K" if c.hierarchical else "flat k-means"
     epoch_rule = (f"{s.batches_per_epoch} batches per epoch" if s.batches_per_epoch is not None
-                  else f"an epoch lasts until the {s.epoch_length} cluster's classes are used")
+                  else f"an epoch runs until the {s.epoch_length} cluster's pass over its {s.pass_unit} is done")
     trainable = "all" if m.trainable_blocks is None else f"the last {m.trainable_blocks}"
     lines = [
         f"protocol: {spec.protocol.value} on {', '.join(spec.splits)}; Recall@K for K = {', '.join(map(str, spec.recall_ks))}",
