@@ -115,6 +115,7 @@ class OptimizerConfig:
     lr_embedding: float = 1e-5
     lr_beta: float = 5e-4
     weight_decay: float = 1e-4
+    mask_weight_decay_multiplier: float = 0.0  # masks' weight decay = weight_decay x this (TPAMI v2 code: 1)
     lr_decay_every: Optional[int] = None  # step decay period in epochs (None: constant)
     lr_decay_factor: float = 0.5
 
@@ -355,6 +356,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("lr_backbone", "lr_embedding", "lr_beta"):
         _require(getattr(o, name) >= 0, f"optimizer.{name} must be >= 0; got {getattr(o, name)}")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0; got {o.weight_decay}")
+    _require(o.mask_weight_decay_multiplier >= 0, f"optimizer.mask_weight_decay_multiplier must be >= 0; got {o.mask_weight_decay_multiplier}")
     _require(o.lr_decay_every is None or o.lr_decay_every >= 1, "optimizer.lr_decay_every must be >= 1 or null")
     _require(0 < o.lr_decay_factor <= 1, f"optimizer.lr_decay_factor must be in (0, 1]; got {o.lr_decay_factor}")
     _require(e.every >= 1, f"evaluation.every must be >= 1; got {e.every}")

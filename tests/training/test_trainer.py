@@ -178,3 +178,13 @@ def test_resume_is_exact_with_reused_training_features(tiny_folder, tmp_path, mo
     resumed = _killed_then_resumed(config, tmp_path / "cut", monkeypatch, after_epochs=2)
     assert resumed._feature_bank_epoch == 1 and not np.isnan(resumed._feature_bank).all()
     assert resumed.fit()["test"] == uninterrupted["test"]
+
+
+@pytest.mark.parametrize("multiplier", [0.0, 1.0])
+def test_mask_weight_decay_follows_its_multiplier(tiny_folder, multiplier):
+    overrides = tiny_overrides(tiny_folder) + ["model.learner_head=masks", "optimizer.weight_decay=0.01",
+                                               f"optimizer.mask_weight_decay_multiplier={multiplier}"]
+    trainer = Trainer(load_config("emoji", overrides), None, progress=False)
+    groups = {group["name"]: group for group in trainer.optimizer.param_groups}
+    assert groups["masks"]["weight_decay"] == pytest.approx(0.01 * multiplier)
+    assert groups["embedding"]["weight_decay"] == pytest.approx(0.01)

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
         "train",
         help="train an embedding with divide and conquer (or a single metric with --learners 1)",
         description="Train with the divide-and-conquer recipe of a YAML preset. Every setting can be "
-        "overridden with --set section.field=value (see the preset files in dcml/presets). Writes "
+        "overridden with --set section.field=value (see the preset files in dcml/presets). Several GPUs or "
+        "nodes: torchrun --nproc_per_node N -m dcml train ... (PyTorch DDP; rank 0 writes). Writes "
         "DIR/config.yaml, DIR/log.jsonl (one line per epoch), DIR/last.pt (resumable), DIR/best.pt "
         "(the epoch selected on the validation classes) and DIR/metrics.json (test metrics of that epoch).",
     )
@@ -106,9 +107,13 @@ def _train(args: argparse.Namespace) -> int:
         config = config_from_args(args)
 
     if args.dry_run:
+        import os
+
         from dcml.training.dry_run import dry_run_report
 
-        print(dry_run_report(config))
+        report = dry_run_report(config)  # every rank checks; under torchrun only rank 0 prints
+        if os.environ.get("RANK", "0") == "0":
+            print(report)
         return 0
 
     r = config.runtime

@@ -135,6 +135,18 @@ class Distributed:
 SINGLE = Distributed()
 
 
+def resolve_backend(device_name: str, backend: str = "auto") -> tuple[str, bool]:
+    """(process-group backend, whether ranks use CUDA) for a configuration's device and backend."""
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device cuda requested but no CUDA GPU is available (use device=cpu)")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not use_cuda:
+        raise UserError("runtime.distributed_backend=nccl needs CUDA GPUs; use gloo (or auto) on the CPU")
+    return backend, use_cuda
+
+
 def setup(device_name: str, backend: str = "auto", timeout_minutes: int = 60) -> Distributed:
     """Join the process group torchrun describes in the environment (once); a plain run gets :data:`SINGLE`.
 
@@ -147,13 +159,7 @@ def setup(device_name: str, backend: str = "auto", timeout_minutes: int = 60) ->
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device cuda requested but no CUDA GPU is available (use device=cpu)")
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    if backend == "nccl" and not use_cuda:
-        raise UserError("runtime.distributed_backend=nccl needs CUDA GPUs; use gloo (or auto) on the CPU")
+    backend, use_cuda = resolve_backend(device_name, backend)
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

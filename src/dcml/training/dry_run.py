@@ -25,19 +25,21 @@ def dry_run_report(config: TrainConfig) -> str:
 
     from dcml.config import validate_against_data
     from dcml.training.schedule import describe_schedule, plan_schedule
+    from dcml.training.distributed import launched_by_torchrun
+    from dcml.training.preflight import check_distributed, check_selection_metric, create_configured_loss
     from dcml.training.trainer import autocast_for, prepare_dataset, resolve_device
 
     dataset = prepare_dataset(config)  # reads the layout; carves the validation classes if needed
     device = resolve_device(config.device)
     autocast_for(config.runtime.precision, device)  # bf16 needs CUDA
-    check_distributed(config)
+    check_distributed(config, launched_by_torchrun())
     train, val = dataset.split("train"), dataset.split("val")
     num_train_classes = len(np.unique(train.labels))
     protocol = dataset.evaluation.protocol.value
     blocks = backbone_blocks(config.model.backbone)
     validate_against_data(config, num_train_classes, blocks, protocol)
     check_selection_metric(config, val)
-    check_loss(config, num_train_classes)
+    create_configured_loss(config, num_train_classes)
     weights = weights_status(config)
     plans = plan_schedule(config)
 
@@ -69,46 +71,6 @@ def backbone_blocks(name: str) -> int | None:
 
     with torch.device("meta"):
         return create_backbone(name, pretrained=False).num_units
-
-
-def check_distributed(config: TrainConfig) -> None:
-    """Under torchrun: what the trainer and the process-group set-up would refuse."""
-    import torch
-
-    from dcml.training.distributed import launched_by_torchrun
-
-    if not launched_by_torchrun():
-        return
-    if config.clustering.reuse_training_features:
-        raise UserError("clustering.reuse_training_features is not supported under torchrun; set it to false")
-    use_cuda = config.device != "cpu" and torch.cuda.is_available()
-    if config.runtime.distributed_backend == "nccl" and not use_cuda:
-        raise UserError("runtime.distributed_backend=nccl needs CUDA GPUs; use gloo (or auto) on the CPU")
-
-
-def check_selection_metric(config: TrainConfig, val) -> None:
-    """The validation split must give the row ``evaluation.selection_metric`` names (as the trainer checks)."""
-    row, _, metric = config.evaluation.selection_metric.partition("/")
-    rows = ("leave_one_out", "cross_vendor") if val.groups is not None else ("leave_one_out",)
-    if row not in rows or not metric:
-        raise UserError(
-            f"evaluation.selection_metric {config.evaluation.selection_metric!r}: validation gives rows "
-            f"{', '.join(rows)}; use e.g. {rows[-1]}/recall@1 or {rows[-1]}/map@r"
-        )
-
-
-def check_loss(config: TrainConfig, num_classes: int) -> None:
-    """Build the loss the trainer would build (unknown PML losses or settings fail here)."""
-    from dcml.losses import create_loss
-
-    lo = config.loss
-    settings = {
-        "margin": {"alpha": lo.alpha, "beta": lo.beta, "nu": lo.nu, "beta_mode": lo.beta_mode},
-        "triplet": {"margin": lo.triplet_margin},
-        "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner,
-                "loss_kwargs": lo.pml_kwargs, "miner_kwargs": lo.pml_miner_kwargs},
-    }[lo.name]
-    create_loss(lo.name, num_learners=config.clustering.learners, num_classes=num_classes, **settings)
 
 
 def default_weights_path(backbone: str) -> Path | None:

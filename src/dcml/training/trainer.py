@@ -116,14 +116,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out_dir: Path | None, *, progress: bool = True, echo=None,
                  dataset: Dataset | None = None, shared_inputs: dict | None = None, distributed: Distributed = SINGLE):
-        from dcml.losses import create_loss
         from dcml.models.embedding_model import build_model
+        from dcml.training import preflight
 
         self.config = config
         self.dist = distributed
-        if distributed.enabled and config.clustering.reuse_training_features:
-            raise UserError("clustering.reuse_training_features is not supported under torchrun (each rank sees only "
-                            "its own batches); set it to false")
+        preflight.check_distributed(config, distributed.enabled)
         self.out_dir = None if out_dir is None else Path(out_dir).expanduser()
         self.progress = progress and distributed.is_main
         echo = echo if echo is not None else (lambda message: print(message, flush=True))
@@ -142,16 +140,8 @@ class Trainer:
         if config.runtime.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         validate_against_data(config, len(self.class_ids), self.model.backbone.num_units, self.dataset.evaluation.protocol.value)
-        self._check_selection_metric()
-
-        lo = config.loss
-        settings = {
-            "margin": {"alpha": lo.alpha, "beta": lo.beta, "nu": lo.nu, "beta_mode": lo.beta_mode},
-            "triplet": {"margin": lo.triplet_margin},
-            "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner,
-                    "loss_kwargs": lo.pml_kwargs, "miner_kwargs": lo.pml_miner_kwargs},
-        }[lo.name]
-        self.loss = create_loss(lo.name, num_learners=config.clustering.learners, num_classes=len(self.class_ids), **settings).to(self.device)
+        preflight.check_selection_metric(config, self.val_split)
+        self.loss = preflight.create_configured_loss(config, len(self.class_ids)).to(self.device)
         self.optimizer = self._build_optimizer()
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.inputs = self._build_inputs(shared_inputs)
@@ -179,15 +169,6 @@ class Trainer:
         self.timings = {"train": 0.0, "recluster_features": 0.0, "kmeans": 0.0, "validation": 0.0, "data_wait": 0.0}
 
     # ------------------------------------------------------------------ setup
-    def _check_selection_metric(self) -> None:
-        row, _, metric = self.config.evaluation.selection_metric.partition("/")
-        rows = ("leave_one_out", "cross_vendor") if self.val_split.groups is not None else ("leave_one_out",)
-        if row not in rows or not metric:
-            raise UserError(
-                f"evaluation.selection_metric {self.config.evaluation.selection_metric!r}: validation gives rows "
-                f"{', '.join(rows)}; use e.g. {rows[-1]}/recall@1 or {rows[-1]}/map@r"
-            )
-
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o, m = self.config.optimizer, self.config.model
         head = self.model.head
@@ -196,7 +177,8 @@ class Trainer:
             {"name": "embedding", "params": list(head.linear.parameters()), "lr": o.lr_embedding, "weight_decay": o.weight_decay},
         ]
         if head.masks is not None:
-            groups.append({"name": "masks", "params": [head.masks], "lr": o.lr_embedding * m.mask_lr_multiplier, "weight_decay": 0.0})
+            groups.append({"name": "masks", "params": [head.masks], "lr": o.lr_embedding * m.mask_lr_multiplier,
+                           "weight_decay": o.weight_decay * o.mask_weight_decay_multiplier})
         betas = list(self.loss.learnable_parameters())
         if betas:
             groups.append({"name": "beta", "params": betas, "lr": o.lr_beta, "weight_decay": 0.0})
