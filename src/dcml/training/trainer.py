@@ -15,6 +15,7 @@ import dataclasses
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -592,6 +593,10 @@ class Trainer:
             ckpt.restore_rng_state(checkpoint["rng"])
         else:
             # Another number of ranks than the run was saved with: continue with fresh per-rank streams.
+            if self.dist.is_main:
+                saved = len(per_rank) if per_rank is not None else 1
+                warnings.warn(f"resuming a {saved}-process run with {self.dist.world_size} processes: the random streams "
+                              "are reseeded, so the run will not match an uninterrupted one exactly", stacklevel=2)
             seed_everything(self.config.seed + RANK_SEED_STRIDE * self.dist.rank + int(checkpoint["next_epoch"]))
 
 
