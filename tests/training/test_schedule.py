@@ -36,5 +36,13 @@ def test_backbone_freeze_and_step_decay():
     assert [p.epoch for p in plans if p.backbone_frozen] == [0, 3, 6, 9]
     assert [round(p.lr_scale, 6) for p in plans] == [1.0] * 5 + [0.1] * 5
     text = describe_schedule(plans)
-    assert "re-cluster before 1, 4, 7, 10" in text and "backbone frozen in 1, 4, 7, 10" in text
+    assert "re-cluster before 1, 4, ..., 10 (every 3)" in text and "backbone frozen in 1, 4, ..., 10 (every 3)" in text
     assert "epochs 1-10" in text and "lr x 0.1, 1" in text
+
+
+def test_compact_epochs_shortens_runs_of_four_or_more():
+    from dcml.training.schedule import compact_epochs
+
+    assert compact_epochs([1, 3, 5, 7, 9, 12]) == "1, 3, ..., 9 (every 2), 12"
+    assert compact_epochs([1, 4, 7]) == "1, 4, 7"
+    assert compact_epochs([]) == ""

@@ -114,27 +114,8 @@ def weights_status(config: TrainConfig) -> str:
 
 
 # ---------------------------------------------------------------------------- summary
-def epoch_list(epochs: list[int]) -> str:
-    """``[1, 3, 5, 7, 9, 12]`` -> ``"1, 3, ..., 9 (every 2), 12"``: runs of 4+ equal steps shortened."""
-    parts: list[str] = []
-    i = 0
-    while i < len(epochs):
-        j = i
-        if i + 1 < len(epochs):
-            step = epochs[i + 1] - epochs[i]
-            while j + 1 < len(epochs) and epochs[j + 1] - epochs[j] == step:
-                j += 1
-            if j - i + 1 >= 4:
-                parts.append(f"{epochs[i]}, {epochs[i] + step}, ..., {epochs[j]} (every {step})")
-                i = j + 1
-                continue
-        parts.append(str(epochs[i]))
-        i += 1
-    return ", ".join(parts)
-
-
 def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plans) -> list[str]:
-    from dcml.training.schedule import CONQUER, DIVIDE, FINETUNE
+    from dcml.training.schedule import CONQUER, DIVIDE, FINETUNE, compact_epochs
 
     c, s, m, d, sc = config.clustering, config.sampler, config.model, config.data, config.schedule
     spec = dataset.evaluation
@@ -180,7 +161,7 @@ def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plan
     lines.append("schedule: " + "; ".join(parts))
     kmeans = [p.epoch + 1 for p in plans if p.recluster and p.active_learners > 1]
     if kmeans:
-        lines.append(f"re-clustering (k-means) before epochs {epoch_list(kmeans)}: {len(kmeans)} passes over the training set")
+        lines.append(f"re-clustering (k-means) before epochs {compact_epochs(kmeans)}: {len(kmeans)} passes over the training set")
     else:
         lines.append("re-clustering: none (a single learner)")
     growth = [(p.epoch + 1, p.active_learners) for i, p in enumerate(plans)
@@ -189,7 +170,7 @@ def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plan
         lines.append("hierarchical division: " + ", ".join(f"K = {k} from epoch {e}" for e, k in growth))
     frozen = [p.epoch + 1 for p in plans if p.backbone_frozen]
     if frozen:
-        lines.append(f"backbone frozen in epochs {epoch_list(frozen)}")
+        lines.append(f"backbone frozen in epochs {compact_epochs(frozen)}")
     decayed = sorted({p.lr_scale for p in plans})
     if decayed != [1.0]:
         lines.append(f"learning rate x {config.optimizer.lr_decay_factor:g} every {config.optimizer.lr_decay_every} epochs")

@@ -57,6 +57,25 @@ def plan_schedule(config: TrainConfig) -> list[EpochPlan]:
     return plans
 
 
+def compact_epochs(epochs: list[int]) -> str:
+    """``[1, 3, 5, 7, 9, 12]`` -> ``"1, 3, ..., 9 (every 2), 12"``: runs of 4+ equal steps shortened."""
+    parts: list[str] = []
+    i = 0
+    while i < len(epochs):
+        j = i
+        if i + 1 < len(epochs):
+            step = epochs[i + 1] - epochs[i]
+            while j + 1 < len(epochs) and epochs[j + 1] - epochs[j] == step:
+                j += 1
+            if j - i + 1 >= 4:
+                parts.append(f"{epochs[i]}, {epochs[i] + step}, ..., {epochs[j]} (every {step})")
+                i = j + 1
+                continue
+        parts.append(str(epochs[i]))
+        i += 1
+    return ", ".join(parts)
+
+
 def describe_schedule(plans: list[EpochPlan]) -> str:
     """Runs of equal epochs on one line each, numbered from 1 as the training log does.
 
@@ -74,9 +93,9 @@ def describe_schedule(plans: list[EpochPlan]) -> str:
             decayed = sorted({p.lr_scale for p in chunk})
             line = f"epochs {span:<9} {chunk[0].phase:<8} learners={chunk[0].active_learners}"
             if reclusters:
-                line += f"  re-cluster before {', '.join(map(str, reclusters))}"
+                line += f"  re-cluster before {compact_epochs(reclusters)}"
             if frozen:
-                line += f"  backbone frozen in {', '.join(map(str, frozen))}"
+                line += f"  backbone frozen in {compact_epochs(frozen)}"
             if decayed != [1.0]:
                 line += f"  lr x {', '.join(f'{v:g}' for v in decayed)}"
             lines.append(line)
