@@ -1,6 +1,6 @@
 """Entry point that `torchrun` starts in the distributed tests (not a test module itself).
 
-    torchrun --nproc_per_node 2 ddp_worker.py step OUT ROOT      # one re-clustering + one epoch, dump state
+    torchrun --nproc_per_node 2 ddp_worker.py step OUT ROOT      # three short epochs, dump each rank's state
     torchrun --nproc_per_node 2 ddp_worker.py cli ARGS...         # `dcml ARGS...` with the tiny test backbone
 
 Both register the tiny test backbone first (tests/training/conftest.py), which a plain
@@ -21,28 +21,37 @@ import torch  # noqa: E402
 
 
 def one_step(out: Path, root: Path) -> None:
+    """Three epochs with learned masks and a backbone freeze after each re-clustering, so DDP is
+    rebuilt twice (backbone frozen -> trainable -> frozen with the masks out of the loss)."""
     from dcml.config import load_config
     from dcml.training import distributed
     from dcml.training.trainer import Trainer
 
-    overrides = conftest.tiny_overrides(root) + ["runtime.distributed_backend=gloo", "sampler.batches_per_epoch=4",
-                                             "clustering.reuse_training_features=false"]
+    overrides = conftest.tiny_overrides(root) + [
+        "runtime.distributed_backend=gloo", "sampler.batches_per_epoch=4", "clustering.reuse_training_features=false",
+        "model.learner_head=masks", "schedule.freeze_backbone_after_recluster=1", "clustering.recluster_every=2",
+        "schedule.epochs=3", "schedule.conquer_epoch=2",
+    ]
     config = load_config("emoji", overrides)
     dist = distributed.setup(config.device, "gloo")
     try:
         trainer = Trainer(config, None, progress=False, distributed=dist)
-        plan = trainer.plans[0]
-        trainer.recluster(plan)
         initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        record = trainer.train_epoch(plan)
+        states, records = [], []
+        for plan in trainer.plans:
+            if plan.recluster:
+                trainer.recluster(plan)
+            records.append(trainer.train_epoch(plan))
+            states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
         val = trainer.evaluate("val", with_nmi=False)
         torch.save({
             "assignment": torch.from_numpy(trainer.clustering.assignment),
             "usable": torch.from_numpy(trainer.clustering.usable),
             "initial": initial,
-            "model": trainer.model.state_dict(),
+            "states": states,
+            "frozen": [plan.backbone_frozen for plan in trainer.plans],
             "beta": [p.detach().clone() for p in trainer.loss.learnable_parameters()],
-            "record": record,
+            "records": records,
             "val": val,
             "shard": torch.from_numpy(dist.shard(trainer.train_split.num_images)),
         }, out / f"rank{dist.rank}.pt")

@@ -50,15 +50,20 @@ def test_two_ranks_hold_identical_clusters_and_weights_after_a_step(tiny_folder,
     assert torch.equal(rank0["assignment"], rank1["assignment"])
     assert torch.equal(rank0["usable"], rank1["usable"])
     assert len(torch.unique(rank0["assignment"])) == 2  # two learners
-    moved = [k for k in rank0["model"] if rank0["model"][k].is_floating_point()
-             and not torch.equal(rank0["model"][k], rank0["initial"][k])]
-    assert moved, "the step changed no weight"
-    for key, value in rank0["model"].items():
-        assert torch.equal(value, rank1["model"][key]), key
+    assert rank0["frozen"] == [True, False, True]  # DDP rebuilt for each change of trainable parameters
+    previous = rank0["initial"]
+    for epoch, (state0, state1) in enumerate(zip(rank0["states"], rank1["states"])):
+        moved = [k for k in state0 if state0[k].is_floating_point() and not torch.equal(state0[k], previous[k])]
+        assert moved, f"epoch {epoch} changed no weight"
+        backbone_moved = any(k.startswith("backbone.") for k in moved)
+        assert backbone_moved != rank0["frozen"][epoch], epoch
+        for key, value in state0.items():
+            assert torch.equal(value, state1[key]), (epoch, key)
+        previous = state0
     for beta0, beta1 in zip(rank0["beta"], rank1["beta"]):
         assert torch.equal(beta0, beta1)
     # Each rank ran its own share of the 4 batches; the log counts all of them.
-    assert rank0["record"]["batches"] == rank1["record"]["batches"] == 4
+    assert [r["batches"] for r in rank0["records"]] == [r["batches"] for r in rank1["records"]] == [4, 4, 4]
     # Feature passes are sharded: the shards partition the training split.
     shards = torch.cat([rank0["shard"], rank1["shard"]])
     assert torch.equal(shards, torch.arange(len(rank0["assignment"])))
