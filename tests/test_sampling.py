@@ -166,3 +166,22 @@ def test_a_pass_in_images_counts_batches_as_the_authors_code():
     assert len(by_images) == 2 * 20  # clusters take turns until the largest pass ends
     with pytest.raises(UserError, match="pass unit"):
         sampler_for(pass_unit="pixels")
+
+
+def test_small_clusters_can_keep_full_batches_with_more_images_per_class():
+    # Cluster 1 holds 2 classes (fewer than P = 3) of 6 and 2 images; P x M = 9 images are wanted.
+    sizes = [[5, 5, 5, 5], [6, 2]]
+    labels, _, plain = sampler_for(sizes)
+    _, _, filled = sampler_for(sizes, fill_small_clusters=True)
+    plain_small = [batch for batch in plain if batch[0][1] == 1]
+    filled_small = [batch for batch in filled if batch[0][1] == 1]
+    assert plain_small and {len(batch) for batch in plain_small} == {3 + 2}  # M each, the small class all it has
+    for batch in filled_small:
+        counts = np.bincount(labels[[index for index, _ in batch]])
+        big, small = sorted(counts[counts > 0], reverse=True)
+        assert big in (4, 5) and small == 2  # 9 // 2 = 4 each, one class 5; the 2-image class gives both
+    for batch in filled:
+        indices = [index for index, _ in batch]
+        assert len(set(indices)) == len(indices)  # never duplicates
+        if batch[0][1] == 0:
+            assert len(batch) == P * M  # clusters with P classes or more are unchanged

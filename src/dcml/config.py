@@ -81,6 +81,9 @@ class SamplerConfig:
     # What one pass over a cluster is: "classes" (each usable class once: ceil(classes / P) batches)
     # or "images" (the authors' code: floor(images / (P x M)) batches).
     pass_unit: Literal["classes", "images"] = "classes"
+    # A cluster with fewer than P usable classes: its classes give more than M images each, so the batch
+    # keeps P x M images (false: a smaller batch of M images per class).
+    fill_small_clusters: bool = False
     # A fixed number of batches per epoch whatever K (overrides epoch_length): equal budgets.
     batches_per_epoch: Optional[int] = None
 

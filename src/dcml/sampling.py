@@ -6,7 +6,10 @@ Policies (all deterministic in ``(seed, epoch)``):
   images, then M = ``images_per_class`` images of each, without replacement. A class with fewer
   than M usable images in the cluster (but >= 2, see :mod:`dcml.clustering`) contributes all of
   them, never duplicates (the emoji benchmark has many classes of exactly 3 images). A cluster with
-  fewer than P usable classes gives batches of all its classes.
+  fewer than P usable classes gives batches of all its classes; with ``fill_small_clusters`` those
+  classes give more than M images each (P x M / classes, still without duplicates), so the batch
+  keeps P x M images where the images exist, as the authors' samplers keep full batches (v1 by
+  drawing classes again, v2 by drawing more images per class).
 - Each cluster has its own class stream: a shuffled pass over its classes, P at a time. When fewer
   than P remain, the batch is topped up from the next shuffled pass (skipping classes already in
   the batch), so batches are always full and no class waits more than one pass. A full pass is
@@ -87,6 +90,7 @@ class ClusterBatchSampler:
         rank: int = 0,
         batches_per_epoch: int | None = None,
         pass_unit: str = PASS_CLASSES,
+        fill_small_clusters: bool = False,
     ) -> None:
         labels = np.asarray(labels)
         if labels.shape != clustering.assignment.shape:
@@ -109,6 +113,7 @@ class ClusterBatchSampler:
         self.epoch_length = epoch_length
         self.batches_per_epoch = batches_per_epoch
         self.pass_unit = pass_unit
+        self.fill_small_clusters = fill_small_clusters
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -174,9 +179,15 @@ class ClusterBatchSampler:
 
     def _draw(self, cluster: int, stream: _ClassStream, rng: np.random.Generator) -> list[tuple[int, int]]:
         batch: list[tuple[int, int]] = []
-        for class_position in stream.next_classes():
+        classes = stream.next_classes()
+        wanted = np.full(len(classes), self.images_per_class)
+        if self.fill_small_clusters and len(classes) < self.classes_per_batch:
+            total = self.classes_per_batch * self.images_per_class
+            wanted[:] = total // len(classes)
+            wanted[: total % len(classes)] += 1  # the stream's order is random: so is who gets one more
+        for class_position, count in zip(classes, wanted):
             images = self._class_images[cluster][class_position]
-            if len(images) > self.images_per_class:
-                images = images[rng.choice(len(images), self.images_per_class, replace=False)]
+            if len(images) > count:
+                images = images[rng.choice(len(images), count, replace=False)]
             batch.extend((int(index), cluster) for index in images)
         return batch

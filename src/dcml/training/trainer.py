@@ -355,6 +355,7 @@ class Trainer:
         sampler = ClusterBatchSampler(self.train_labels, self.clustering, classes_per_batch=s.classes_per_batch,
                                       images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed,
                                       batches_per_epoch=s.batches_per_epoch, pass_unit=s.pass_unit,
+                                      fill_small_clusters=s.fill_small_clusters,
                                       num_replicas=self.dist.world_size, rank=self.dist.rank)
         sampler.set_epoch(plan.epoch)
         self.model.train()
