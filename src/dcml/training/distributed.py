@@ -50,9 +50,12 @@ class Distributed:
         return self.rank == 0
 
     # ------------------------------------------------------------------ splitting work
+    def _shard_bounds(self, count: int) -> np.ndarray:
+        return np.linspace(0, count, self.world_size + 1).round().astype(np.int64)
+
     def shard(self, count: int) -> np.ndarray:
-        """This rank's contiguous share of ``range(count)`` (the first ranks take one more when uneven)."""
-        bounds = np.linspace(0, count, self.world_size + 1).round().astype(np.int64)
+        """This rank's contiguous share of ``range(count)`` (shares differ by at most one when uneven)."""
+        bounds = self._shard_bounds(count)
         return np.arange(bounds[self.rank], bounds[self.rank + 1])
 
     def gather_rows(self, local: np.ndarray, count: int) -> np.ndarray:
@@ -61,7 +64,7 @@ class Distributed:
             return local
         import torch.distributed as dist
 
-        bounds = np.linspace(0, count, self.world_size + 1).round().astype(np.int64)
+        bounds = self._shard_bounds(count)
         longest = int(np.diff(bounds).max())
         padded = torch.zeros((longest, *local.shape[1:]), dtype=torch.from_numpy(local[:0]).dtype, device=self.collective_device)
         padded[: len(local)] = torch.from_numpy(np.ascontiguousarray(local)).to(self.collective_device)

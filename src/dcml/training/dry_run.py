@@ -73,27 +73,13 @@ def backbone_blocks(name: str) -> int | None:
         return create_backbone(name, pretrained=False).num_units
 
 
-def default_weights_path(backbone: str) -> Path | None:
-    """Where ``backbone``'s default pretrained weights are read from, offline (None: not known here).
-
-    Raises :class:`~dcml.errors.MissingDependencyError` when they are not available offline.
-    """
-    from dcml.models import backbones
-
-    if backbone == "efficientnet_lite0":
-        return backbones.efficientnet_lite0_weights_path()
-    if backbone in ("resnet18", "resnet50"):
-        return backbones.cached_torchvision_weights(backbone)
-    return None
-
-
 def weights_status(config: TrainConfig) -> str:
     """One line: which weights training would load, or a warning that it would stop and how to fix it.
 
     A ``model.weights`` file is read and fitted to the backbone (a missing or unfitting file is a
     UserError, as in training); default pretrained weights are only looked up, never loaded.
     """
-    from dcml.models.backbones import create_backbone
+    from dcml.models.backbones import create_backbone, default_weights_path
 
     m = config.model
     if m.weights is not None:

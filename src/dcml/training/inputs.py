@@ -65,8 +65,8 @@ class _SeededEpoch:
 
     def __iter__(self):
         s = self.sampler
-        entropy = [int(getattr(s, "seed", 0)), int(getattr(s, "epoch", 0))]
-        if getattr(s, "num_replicas", 1) > 1:
+        entropy = [int(s.seed), int(s.epoch)]
+        if s.num_replicas > 1:
             entropy.append(int(s.rank))
         for position, batch in enumerate(s):
             seeds = np.random.SeedSequence(entropy + [position]).generate_state(len(batch), dtype=np.uint64) >> np.uint64(1)
@@ -103,9 +103,9 @@ class ImageInputs:
 
     cached = False
 
-    def __init__(self, train_transform, test_transform, loader: LoaderSettings | int, eval_batch_size: int, device: torch.device):
+    def __init__(self, train_transform, test_transform, loader: LoaderSettings, eval_batch_size: int, device: torch.device):
         self.train_transform, self.test_transform = train_transform, test_transform
-        self.loader = loader if isinstance(loader, LoaderSettings) else LoaderSettings(num_workers=int(loader))
+        self.loader = loader
         self.eval_batch_size, self.device = eval_batch_size, device
         self._epoch = _SeededEpoch()
         self._train_loader = None
@@ -116,7 +116,7 @@ class ImageInputs:
         if self._train_loader is None or self._train_key != key:
             self._train_loader = torch.utils.data.DataLoader(
                 _TrainImages(split, labels, self.train_transform), batch_sampler=self._epoch,
-                **self.loader.options(getattr(batch_sampler, "seed", 0), persistent=True),
+                **self.loader.options(batch_sampler.seed, persistent=True),
             )
             self._train_key = key
         self._epoch.sampler = batch_sampler
@@ -142,7 +142,7 @@ class CachedInputs:
 
     cached = True
 
-    def __init__(self, model, test_transform, loader: LoaderSettings | int, eval_batch_size: int, device: torch.device,
+    def __init__(self, model, test_transform, loader: LoaderSettings, eval_batch_size: int, device: torch.device,
                  progress: bool = True, autocast=None):
         self._model = model
         self._images = ImageInputs(None, test_transform, loader, eval_batch_size, device)
