@@ -169,7 +169,7 @@ def test_cli_failure_leaves_no_partial_files(tmp_path, tiny_dataset, monkeypatch
 
     monkeypatch.setattr(np, "save", failing_save)
     code = _embed("--out", out, "--labels-out", tmp_path / "l.npy", "--image-size", "32", "--backbone", "resnet18",
-                  "--weights", _resnet_weights(tmp_path))
+                  "--weights", _resnet_weights(tmp_path), "--overwrite")
     assert code == 130
     assert out.read_bytes() == b"previous"  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "r18.pth"]
