@@ -38,6 +38,9 @@ class DataConfig:
     eval_batch_size: int = 128
     # Datasets without a validation split: share of training classes held out for model selection.
     validation_fraction: float = 0.15
+    # Larger images (width x height) are refused before decoding: a few KB of PNG can claim 15000 x 15000
+    # pixels. Default: dcml.data.images.DEFAULT_MAX_IMAGE_PIXELS (Pillow's own limit, ~9459 x 9459).
+    max_image_pixels: int = 89_478_485
 
 
 @dataclass
@@ -314,6 +317,7 @@ def validate(config: TrainConfig) -> None:
     _require(d.num_workers >= 0, f"data.num_workers must be >= 0; got {d.num_workers}")
     _require(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1; got {d.eval_batch_size}")
     _require(0 < d.validation_fraction < 1, f"data.validation_fraction must be between 0 and 1; got {d.validation_fraction}")
+    _require(d.max_image_pixels >= 1, f"data.max_image_pixels must be a positive number of pixels (width x height); got {d.max_image_pixels}")
     if d.cache_frozen_features:
         _require(d.train_augmentation == "none",
                  "data.cache_frozen_features needs data.train_augmentation=none (random crops change the frozen part's input)")
