@@ -33,18 +33,33 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # Warnings (a dataset holding fewer images than the official split, ...) are one line each.
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = _show_warning
-        try:
-            result = args.handler(args)
-        except UserError as error:
-            print(f"dcml: error: {error}", file=sys.stderr)
-            return error.exit_code
-        except KeyboardInterrupt:
-            print("dcml: interrupted", file=sys.stderr)
-            return 130
-    return int(result or 0)
+    # A name the output encoding cannot represent (a non-UTF-8 folder name on Linux reaches Python
+    # as surrogate escapes; any non-ASCII name under an ASCII locale) is written as a backslash
+    # escape instead of raising UnicodeEncodeError halfway through the output. Every command and
+    # message (argparse's, warnings, errors, progress bars) goes through these two streams. The old
+    # setting comes back on return, for callers of main() in-process (tests, notebooks).
+    restore = []
+    for stream in (sys.stdout, sys.stderr):
+        if callable(getattr(stream, "reconfigure", None)) and getattr(stream, "errors", None) != "backslashreplace":
+            restore.append((stream, stream.errors))
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        # Warnings (a dataset holding fewer images than the official split, ...) are one line each.
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            try:
+                result = args.handler(args)
+            except UserError as error:
+                print(f"dcml: error: {error}", file=sys.stderr)
+                return error.exit_code
+            except KeyboardInterrupt:
+                print("dcml: interrupted", file=sys.stderr)
+                return 130
+        return int(result or 0)
+    finally:
+        for stream, errors in restore:
+            if not stream.closed:
+                stream.reconfigure(errors=errors)

@@ -50,9 +50,11 @@ def _info(args: argparse.Namespace) -> int:
 
     root = args.cache_dir if args.cache_dir is not None else args.root
     dataset = load_dataset(args.name, root)  # count mismatches warn (printed as "warning: ...")
-    info = dataset.info()
+    info = _displayable(dataset.info())
     if args.json:
-        print(json.dumps(info, indent=2))
+        # ensure_ascii: pure ASCII output is valid JSON whatever the output encoding (a stream that
+        # escapes what it cannot encode would otherwise write \xNN, which JSON does not allow).
+        print(json.dumps(info, indent=2, ensure_ascii=True))
         return 0
     print(f"{info['name']} at {info['root']}: {info['classes']} classes, {info['images']} images")
     for split_name, counts in info["splits"].items():
@@ -61,6 +63,27 @@ def _info(args: argparse.Namespace) -> int:
         if key not in ("name", "root", "classes", "images", "splits"):
             print(f"  {key}: {value if not isinstance(value, list) else ', '.join(map(str, value))}")
     return 0
+
+
+def _displayable(value):
+    """``info`` ready for printing and for strict JSON: file and class names that are not valid
+    UTF-8 (on Linux Python keeps their bytes as lone surrogates, which strict JSON parsers reject
+    and a UTF-8 terminal cannot print) show those bytes as ``\\xNN``, as ``ls`` escapes them; numpy
+    numbers become plain ones and anything else its text, so json.dumps cannot fail."""
+    if isinstance(value, dict):
+        return {_displayable(key): _displayable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayable(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # a numpy scalar
+        return _displayable(value.item())
+    text = str(value)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the bytes the file system gave
+    except UnicodeEncodeError:  # surrogates that do not stand for undecodable bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _list(args: argparse.Namespace) -> int:  # noqa: ARG001
