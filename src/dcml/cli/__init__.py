@@ -10,7 +10,7 @@ from dcml import __version__
 from dcml.errors import UserError
 
 # Modules that define `register(subparsers)`; order is the order in `dcml --help`.
-_COMMAND_MODULES = ("data", "embed", "metrics", "zero_shot", "train", "demo")
+_COMMAND_MODULES = ("data", "embed", "metrics", "zero_shot", "train", "demo", "index", "query", "calibrate", "dedup")
 
 
 def build_parser() -> argparse.ArgumentParser:
