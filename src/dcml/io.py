@@ -51,7 +51,43 @@ def save_npy_atomically(arrays: dict[Path, np.ndarray]) -> None:
     write_atomically({path: (lambda stream, a=array: np.save(stream, a, allow_pickle=False)) for path, array in arrays.items()})
 
 
+def _finite_or_none(value):
+    """``value`` with every float NaN / infinity (numpy's too) replaced by None, recursively."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def json_text(payload, indent: int | None = None) -> str:
+    """JSON that every parser reads: a metric with no value (NaN, e.g. no query had a positive) is
+    ``null``, never Python's bare ``NaN`` / ``Infinity``, which are not JSON."""
+    return json.dumps(_finite_or_none(payload), indent=indent, allow_nan=False)
+
+
 def save_json_atomically(path: Path, payload: dict) -> None:
-    """Write ``payload`` as indented JSON (see :func:`write_atomically`)."""
-    text = json.dumps(payload, indent=2).encode()
+    """Write ``payload`` as indented JSON, non-finite numbers as null (see :func:`json_text`, :func:`write_atomically`)."""
+    text = json_text(payload, indent=2).encode()
     write_atomically({path: lambda stream: stream.write(text)})
+
+
+def refuse_to_overwrite(paths, overwrite: bool = False, what: str = "output") -> None:
+    """One-line UserError naming the first of ``paths`` that already exists, unless ``overwrite``.
+
+    Every command that writes files calls this before doing any work, so nothing a user already
+    has is replaced without ``--overwrite``.
+    """
+    if overwrite:
+        return
+    for path in paths:
+        path = Path(path).expanduser()
+        if path.exists() or path.is_symlink():
+            raise UserError(f"{path} already exists (dcml would replace it with its {what}); choose another "
+                            "output or pass --overwrite to replace it")

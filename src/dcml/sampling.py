@@ -118,6 +118,7 @@ class ClusterBatchSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.first_batch = 0  # batches of this rank's epoch to leave out (a resume in mid-epoch)
         # cluster id -> list of arrays, one per usable class, holding that class's usable image indices.
         self._class_images = self._group_usable_images(labels, clustering)
         empty = [cluster for cluster, classes in enumerate(self._class_images) if not classes]
@@ -138,9 +139,20 @@ class ClusterBatchSampler:
                 grouped[int(clusters[group[0]])].append(indices[group])
         return grouped
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose batches the next iteration draws (same epoch, same batches)."""
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Choose the epoch whose batches the next iteration draws (same epoch, same batches).
+
+        ``first_batch``: start at this rank's batch of that number (0-based), as a run resumed in
+        mid-epoch does; the earlier batches are still drawn, so the later ones are the same.
+        """
+        if not 0 <= first_batch <= self.epoch_batches():
+            raise ValueError(f"first batch {first_batch} is outside the epoch's {self.epoch_batches()} batches")
         self.epoch = epoch
+        self.first_batch = first_batch
+
+    def epoch_batches(self) -> int:
+        """This rank's batches in a whole epoch (``len()`` is what is left of it after ``first_batch``)."""
+        return self._total_batches() // self.num_replicas
 
     def batches_per_cluster(self) -> np.ndarray:
         """Batches in one pass over each cluster, shape (K,): ``ceil(classes / P)``, or with
@@ -160,7 +172,7 @@ class ClusterBatchSampler:
         return full - full % self.num_replicas
 
     def __len__(self) -> int:
-        return self._total_batches() // self.num_replicas
+        return self.epoch_batches() - self.first_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         # One child generator per cluster: a cluster's draws do not depend on the other clusters.
@@ -170,12 +182,15 @@ class ClusterBatchSampler:
             _ClassStream(len(classes), self.classes_per_batch, rng) for classes, rng in zip(self._class_images, rngs)
         ]
         total = self._total_batches()
+        mine = 0
         for position in range(total):
             cluster = position % self.num_clusters
             # Every replica draws every batch so the streams stay aligned; it keeps only its own.
             batch = self._draw(cluster, streams[cluster], rngs[cluster])
             if position % self.num_replicas == self.rank:
-                yield batch
+                if mine >= self.first_batch:
+                    yield batch
+                mine += 1
 
     def _draw(self, cluster: int, stream: _ClassStream, rng: np.random.Generator) -> list[tuple[int, int]]:
         batch: list[tuple[int, int]] = []

@@ -40,7 +40,7 @@ def test_workers_persistence_and_cuda_only_settings_leave_cpu_results_unchanged(
 def test_augmentation_depends_on_the_seed_only(tiny_folder):
     # Same sampler state, two fresh wrappers: the same (index, learner, seed) items.
     class Sampler:
-        seed, epoch, num_replicas, rank = 3, 5, 1, 0
+        seed, epoch, num_replicas, rank, first_batch = 3, 5, 1, 0, 0
 
         def __iter__(self):
             return iter([[(0, 0), (1, 0)], [(2, 1), (3, 1)]])

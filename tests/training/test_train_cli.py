@@ -35,7 +35,7 @@ def test_train_then_evaluate(tiny_folder, tmp_path, capsys):
 
     # The same folder again: refused without --resume; a finished run resumed just reports.
     assert main(_train_args(tiny_folder, out)) == 2
-    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert "holds files of a run; pass --resume" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert "all 2 epochs are done" in capsys.readouterr().out
     # Resuming with more epochs continues the same run.
@@ -82,7 +82,7 @@ def test_evaluate_and_resume_report_missing_checkpoints(tmp_path, capsys):
 def test_ctrl_c_says_how_to_resume(tiny_folder, tmp_path, capsys, monkeypatch):
     from dcml.training.trainer import Trainer
 
-    def interrupted(self, plan):
+    def interrupted(self, plan, progress=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "train_epoch", interrupted)

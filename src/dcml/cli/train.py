@@ -35,7 +35,8 @@ def register(subparsers) -> None:
         "DIR/config.yaml, DIR/log.jsonl (one line per epoch), DIR/last.pt (resumable), DIR/best.pt "
         "(the epoch selected on the validation classes) and DIR/metrics.json (test metrics of that epoch).",
     )
-    train.add_argument("--preset", default="emoji", help="preset name or YAML file (default: %(default)s)")
+    train.add_argument("--preset", default=None,
+                       help=f"preset name or YAML file (default: {DEFAULT_PRESET}; with --resume: the run's own settings)")
     train.add_argument("--data-root", default=None, help="dataset folder (sets data.root)")
     train.add_argument("--weights", default=None, metavar="PATH",
                        help="backbone state dict file (sets model.weights), e.g. ResNet-50 ImageNet weights on an offline machine")
@@ -46,7 +47,11 @@ def register(subparsers) -> None:
                        help="override one setting, e.g. --set clustering.unit=class (repeatable)")
     train.add_argument("--quick", action="store_true", help="a tiny budget for smoke tests (about a minute on a CPU)")
     train.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<preset>-<time>)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last.pt (settings that would change the run are refused; "
+                       "--data-root, --epochs, --weights and --set runtime.*/device/data.num_workers may change)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run files (config.yaml, log.jsonl, last.pt, best.pt, metrics.json) already in --out")
     train.add_argument("--dry-run", action="store_true", help="check the dataset and settings, print the plan, do not train")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
@@ -64,8 +69,30 @@ def register(subparsers) -> None:
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 
+    upgrade = subparsers.add_parser(
+        "upgrade-checkpoint",
+        help="convert checkpoints written by dcml 0.1 (format 1) to the current format",
+        description="dcml 0.1 pickled numpy objects into best.pt / last.pt; this dcml loads only tensors, numbers, "
+        "strings, lists and dicts (loading a file can never run code). This reads a format-1 file with numpy's "
+        "array rebuilders as the only Python objects allowed, and writes the same content in the current format. "
+        "Each converted file replaces the old one, which is kept beside it as NAME.v1.pt.",
+    )
+    upgrade.add_argument("paths", type=Path, nargs="+", metavar="FILE_OR_RUN",
+                         help="a checkpoint file, or a run folder (its best.pt and last.pt)")
+    upgrade.set_defaults(handler=_upgrade)
 
-def config_from_args(args: argparse.Namespace):
+
+DEFAULT_PRESET = "emoji"
+#: What ``--resume`` may change: where the data and weights are, how fast it runs, how long it
+#: trains. Anything else would make the rest of the run another experiment than its beginning.
+RESUMABLE_SETTINGS = ("data.root", "data.num_workers", "data.eval_batch_size", "data.max_image_pixels", "model.weights",
+                      "device", "runtime.", "schedule.epochs")
+#: The files a run folder holds; a new run refuses a folder that has any of them (unless --overwrite).
+RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json")
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None):
+    """The settings the command line asks for: a preset (or ``base``, a run's saved settings) plus the flags."""
     from dcml.config import load_config
 
     # Later wins: the --quick budget, then --set, then the dedicated flags.
@@ -81,7 +108,61 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"schedule.epochs={args.epochs}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    return load_config(args.preset, overrides)
+    if base is not None:
+        return load_config(None, overrides, base=base)
+    return load_config(args.preset or DEFAULT_PRESET, overrides)
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key not in ("pml_kwargs", "pml_miner_kwargs"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_config(args: argparse.Namespace, payload: dict):
+    """The run's saved settings with what the command line may change on a resume; anything else refused."""
+    from dcml.config import load_config
+
+    saved = load_config(None, [], base=payload["config"])
+    # With --preset the command is taken as typed (e.g. the original command with --resume added).
+    requested = config_from_args(args) if args.preset is not None else config_from_args(args, base=payload["config"])
+    before, after = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+    changed = [key for key in after if before.get(key) != after[key]]
+    refused = [key for key in changed if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
+                                                   for allowed in RESUMABLE_SETTINGS)]
+    if refused:
+        key = refused[0]
+        more = f" (and {len(refused) - 1} more setting{'s' if len(refused) > 2 else ''})" if len(refused) > 1 else ""
+        raise UserError(f"--resume continues {args.out} with its own settings, but {key} would change from "
+                        f"{before.get(key)!r} to {after[key]!r}{more}; start a new run with another --out (a resume may "
+                        "change only --data-root, --epochs, --weights, device, data.num_workers and runtime.*)")
+    done = int(payload["next_epoch"])
+    if requested.schedule.epochs < done:
+        raise UserError(f"{args.out} has already trained {done} epochs; --epochs {requested.schedule.epochs} would end it "
+                        "before that (use --epochs {done} or more)".replace("{done}", str(done)))
+    return requested
+
+
+def check_run_folder(out: Path, overwrite: bool) -> None:
+    """A new run never mixes its files with another run's: refuse an occupied folder, or clear the
+    run files (and only those) with ``--overwrite``."""
+    from dcml.training import checkpoint as ckpt
+
+    existing = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not existing:
+        return
+    if not overwrite:
+        hint = "pass --resume to continue it, " if (out / ckpt.LAST).exists() else ""
+        raise UserError(f"{existing[0]} already exists: {out} holds files of a run; {hint}choose another --out, "
+                        "or pass --overwrite to replace them")
+    for path in existing:
+        if path.is_dir() and not path.is_symlink():
+            raise UserError(f"{path} is a folder; dcml will not delete it (remove it or choose another --out)")
+        path.unlink()
 
 
 def _default_out(preset: str) -> Path:
@@ -97,12 +178,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out DIR (the run to continue)")
+        if args.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                            "--overwrite starts it anew")
+        if not (args.out / ckpt.LAST).is_file():
+            raise UserError(f"{args.out / ckpt.LAST} not found: {args.out} holds no run to resume "
+                            "(drop --resume to start one there)")
         # Under torchrun every rank reads it: on several nodes --out must be a folder they share.
-        resume_payload = ckpt.load_checkpoint(args.out / ckpt.LAST)
-        from dcml.config import load_config
-
-        extra = [f"schedule.epochs={args.epochs}"] if args.epochs is not None else []
-        config = load_config(None, list(args.overrides) + extra, base=resume_payload["config"])
+        resume_payload = ckpt.load_checkpoint(args.out / ckpt.LAST, resumable=True)
+        config = resume_config(args, resume_payload)
     else:
         config = config_from_args(args)
 
@@ -126,16 +210,22 @@ def _train(args: argparse.Namespace) -> int:
 
 def _run_training(args: argparse.Namespace, config, resume_payload, dist) -> int:
     from dcml.training import checkpoint as ckpt
+    from dcml.training.stopping import TrainingStopped
     from dcml.training.trainer import Trainer, write_config
 
     out = dist.broadcast(args.out or _default_out(args.preset))  # rank 0's time stamp names the folder
 
-    def check_out() -> None:
-        if resume_payload is None and (out / ckpt.LAST).exists():
-            raise UserError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    def prepare_out() -> None:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder")
+        ckpt.remove_stale_temporaries(out)  # left by a process killed while it saved
+        if resume_payload is None:
+            check_run_folder(out, args.overwrite)
 
-    dist.on_main(check_out)
-    trainer = Trainer(config, out, progress=not args.no_progress and sys.stderr.isatty(), distributed=dist)
+    dist.on_main(prepare_out)
+    # A resume takes every weight from last.pt: no ImageNet weights file is needed (or read).
+    trainer = Trainer(config, out, progress=not args.no_progress and sys.stderr.isatty(), distributed=dist,
+                      load_pretrained=resume_payload is None)
     if resume_payload is not None:
         trainer.resume(resume_payload)
         if trainer.start_epoch >= len(trainer.plans) and dist.is_main:
@@ -144,6 +234,12 @@ def _run_training(args: argparse.Namespace, config, resume_payload, dist) -> int
         write_config(out, config)
     try:
         result = trainer.fit()
+    except TrainingStopped as stopped:
+        if dist.is_main:
+            saved = f"{stopped.saved}; " if stopped.saved else ""
+            print(f"dcml: stopped by {stopped.signal_name}: {saved}continue with: dcml train --out {out} --resume",
+                  file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
         if dist.is_main:
             done = len(trainer.history)
@@ -176,15 +272,40 @@ def _evaluate(args: argparse.Namespace) -> int:
     payload = ckpt.load_checkpoint(path)
     overrides = [f"data.root={json.dumps(str(args.data_root))}"] if args.data_root else []
     config = load_config(None, overrides, base=payload["config"])
-    trainer = Trainer(config, None, progress=not args.no_progress and sys.stderr.isatty())
-    trainer.model.load_state_dict(payload["model"])
+    # Every weight comes from the checkpoint: no ImageNet weights file, no network.
+    trainer = Trainer(config, None, progress=not args.no_progress and sys.stderr.isatty(), load_pretrained=False)
+    try:
+        trainer.model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise UserError(f"{path} does not fit the model its own settings describe ({str(error).strip().splitlines()[0]}): "
+                        "the file is damaged") from None
     trainer.active_learners = int(payload.get("active_learners", config.clustering.learners))
     rows = trainer.evaluate(args.split, with_nmi=True)
     # best.pt names its (0-based) epoch; last.pt the next epoch to run, i.e. the 1-based last one done.
     epoch = int(payload["epoch"]) + 1 if payload.get("epoch") is not None else payload.get("next_epoch")
     if args.json:
-        print(json.dumps({"checkpoint": str(path), "epoch": epoch, "metrics": rows}))
+        from dcml.io import json_text
+
+        print(json_text({"checkpoint": str(path), "epoch": epoch, "metrics": rows}))
         return 0
     print(f"{path} (epoch {epoch}) on {trainer.dataset.name} {args.split or 'test'}; metrics in %")
     print(format_table(rows, trainer.dataset.evaluation.recall_ks))
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    from dcml.training import checkpoint as ckpt
+
+    files: list[Path] = []
+    for path in args.paths:
+        if path.is_dir():
+            found = [path / name for name in (ckpt.BEST, ckpt.LAST) if (path / name).is_file()]
+            if not found:
+                raise UserError(f"{path} holds no {ckpt.BEST} or {ckpt.LAST} to convert")
+            files.extend(found)
+        else:
+            files.append(path)
+    for path in files:
+        kept = ckpt.upgrade_in_place(path)
+        print(f"converted {path} to checkpoint format {ckpt.FORMAT_VERSION}; the original is kept as {kept}")
     return 0

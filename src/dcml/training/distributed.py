@@ -109,6 +109,22 @@ class Distributed:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def all_reduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Element-wise ``op`` ("sum", "max" or "min") of every rank's ``array``, on every rank."""
+        if not self.enabled:
+            return array
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.collective_device)
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        return tensor.cpu().numpy()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on some rank (so every rank takes the same branch)."""
+        if not self.enabled:
+            return flag
+        return bool(self.all_reduce(np.array([int(flag)], dtype=np.int64), "max")[0])
+
     def on_main(self, work: Callable[[], T]) -> T:
         """Run ``work`` on rank 0 only and share its result, or its UserError, with every rank.
 

@@ -68,7 +68,8 @@ class _SeededEpoch:
         entropy = [int(s.seed), int(s.epoch)]
         if s.num_replicas > 1:
             entropy.append(int(s.rank))
-        for position, batch in enumerate(s):
+        # Positions count from the epoch's first batch, also when a resumed epoch starts later.
+        for position, batch in enumerate(s, start=s.first_batch):
             seeds = np.random.SeedSequence(entropy + [position]).generate_state(len(batch), dtype=np.uint64) >> np.uint64(1)
             yield [(index, learner, int(seed)) for (index, learner), seed in zip(batch, seeds)]
 

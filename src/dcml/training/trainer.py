@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -28,6 +29,8 @@ from dcml.io import save_json_atomically, write_atomically
 from dcml.training import checkpoint as ckpt
 from dcml.training.distributed import SINGLE, Distributed
 from dcml.training.schedule import DIVIDE, FINETUNE, EpochPlan, plan_schedule
+from dcml.training.stopping import (DivergenceWatch, NonFiniteLoss, StopSignals, TrainingDiverged, TrainingStopped,
+                                   divergence_message)
 
 LOG_FILE = "log.jsonl"
 METRICS_FILE = "metrics.json"
@@ -83,6 +86,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def without_pretrained_weights(config: TrainConfig) -> TrainConfig:
+    """``config`` building a randomly initialised backbone (its weights are about to be replaced)."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=False, weights=None))
+
+
 def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Hold out ``fraction`` of the training classes (seeded) as a validation split."""
     classes = np.unique(train.labels)
@@ -112,11 +120,73 @@ def prepare_dataset(config: TrainConfig) -> Dataset:
     return dataclasses.replace(dataset, splits={**dataset.splits, "train": train, "val": val})
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """An epoch under way on this rank: what its finished batches added up to, so that a run stopped
+    at a batch boundary resumes at the next batch exactly as if it had never stopped."""
+
+    epoch: int
+    record: dict  # the epoch's log line so far (re-clustering figures)
+    loss_sums: np.ndarray  # float64 per learner
+    learner_batches: np.ndarray  # int64 per learner
+    batches: int = 0  # this rank's batches done
+    images: int = 0
+    data_wait: float = 0.0
+    train_seconds: float = 0.0
+    earlier_seconds: float = 0.0  # training time spent on this epoch before a resume
+    bank: np.ndarray | None = None  # training-pass backbone features (reuse_training_features)
+    bank_visits: np.ndarray | None = None  # global batch position that last wrote each row; -1: none yet
+    trained: bool = False  # every batch done, validation still to come
+    rng: dict | None = None  # the RNG states when the batches finished (trained only)
+
+    @classmethod
+    def start(cls, epoch: int, record: dict, learners: int) -> "EpochProgress":
+        return cls(epoch, record, np.zeros(learners, dtype=np.float64), np.zeros(learners, dtype=np.int64))
+
+    def add_time(self, seconds: float) -> None:
+        self.train_seconds += seconds
+
+    def rank_state(self) -> dict:
+        """What differs between ranks (each rank sums the losses of its own batches)."""
+        return {"loss_sums": torch.from_numpy(self.loss_sums.copy()), "learner_batches": torch.from_numpy(self.learner_batches.copy()),
+                "images": int(self.images), "data_wait": float(self.data_wait)}
+
+    def state(self, per_rank: list[dict], bank: np.ndarray | None, visits: np.ndarray | None) -> dict:
+        return {"epoch": self.epoch, "record": self.record, "batches": self.batches, "train_seconds": self.train_seconds,
+                "trained": self.trained, "rng": self.rng, "per_rank": per_rank,
+                "bank": None if bank is None else torch.from_numpy(bank),
+                "bank_visits": None if visits is None else torch.from_numpy(visits)}
+
+    @classmethod
+    def from_state(cls, state: dict, rank: int) -> "EpochProgress":
+        mine = state["per_rank"][rank]
+        bank, visits = state.get("bank"), state.get("bank_visits")
+        return cls(epoch=int(state["epoch"]), record=dict(state["record"]), loss_sums=mine["loss_sums"].numpy().astype(np.float64),
+                   learner_batches=mine["learner_batches"].numpy().astype(np.int64), batches=int(state["batches"]),
+                   images=int(mine["images"]), data_wait=float(mine["data_wait"]), train_seconds=float(state["train_seconds"]),
+                   earlier_seconds=float(state["train_seconds"]), bank=None if bank is None else bank.numpy().copy(),
+                   bank_visits=None if visits is None else visits.numpy().copy(), trained=bool(state["trained"]), rng=state["rng"])
+
+
+def dataset_identity(dataset: Dataset) -> dict:
+    """What a resume checks against the data on disk: image counts, classes and a digest of each training
+    and validation image's class folder + file name and label (stable when the dataset folder moves)."""
+    identity = {"name": dataset.name}
+    for name in ("train", "val"):
+        split = dataset.split(name)
+        digest = hashlib.sha256()
+        for path, label in zip(split.paths, split.labels.tolist()):
+            digest.update(f"{'/'.join(Path(path).parts[-2:])}\t{label}\n".encode("utf-8", "surrogateescape"))
+        identity[name] = {"images": split.num_images, "classes": int(len(np.unique(split.labels))), "sha256": digest.hexdigest()}
+    return identity
+
+
 class Trainer:
     """One training run. ``shared_inputs`` lets several runs in one process reuse cached features."""
 
     def __init__(self, config: TrainConfig, out_dir: Path | None, *, progress: bool = True, echo=None,
-                 dataset: Dataset | None = None, shared_inputs: dict | None = None, distributed: Distributed = SINGLE):
+                 dataset: Dataset | None = None, shared_inputs: dict | None = None, distributed: Distributed = SINGLE,
+                 load_pretrained: bool = True):
         from dcml.models.embedding_model import build_model
         from dcml.training import preflight
 
@@ -137,7 +207,9 @@ class Trainer:
         self.class_ids, self.train_labels = np.unique(self.train_split.labels, return_inverse=True)
         self.train_labels = self.train_labels.astype(np.int64)
 
-        self.model = build_model(config).to(self.device)
+        # load_pretrained=False: every weight will come from a checkpoint (resume, evaluate), so the
+        # backbone's ImageNet weights are neither needed nor read.
+        self.model = build_model(config if load_pretrained else without_pretrained_weights(config)).to(self.device)
         if config.runtime.channels_last and self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         validate_against_data(config, len(self.class_ids), self.model.backbone.num_units, self.dataset.evaluation.protocol.value)
@@ -160,7 +232,10 @@ class Trainer:
         self.active_learners = self.plans[0].active_learners  # how the full embedding is assembled now
         self.clustering = None
         self._feature_bank: np.ndarray | None = None  # training-pass features kept for re-clustering
+        self._feature_bank_visits: np.ndarray | None = None  # which batch wrote each row (see _combined_bank)
         self._feature_bank_epoch: int | None = None
+        self._resumed_progress: EpochProgress | None = None  # an epoch a resume continues in its middle
+        self.stop = StopSignals()
         self.start_epoch = 0
         self.best_score = -np.inf
         self.best_epoch: int | None = None
@@ -296,9 +371,12 @@ class Trainer:
         """Features of every training image for k-means: a fresh pass, or the training pass's (reuse)."""
         space = self.config.clustering.space
         bank = self._feature_bank if self._feature_bank_epoch == plan.epoch - 1 else None
-        self._feature_bank = None
+        visits = self._feature_bank_visits
+        self._feature_bank = self._feature_bank_visits = None
         if bank is None:
             return self.embed(self.train_split, space)
+        # Under torchrun each rank holds the rows of the images its own batches visited.
+        bank = self._combined_bank(bank, visits)
         missing = np.flatnonzero(np.isnan(bank[:, 0]))
         if len(missing):
             bank[missing] = self.embed(self.train_split, "backbone", indices=missing)
@@ -346,18 +424,26 @@ class Trainer:
             self._ddp_key = key
         return self._ddp
 
-    def train_epoch(self, plan: EpochPlan) -> dict:
+    def train_epoch(self, plan: EpochPlan, progress: EpochProgress | None = None) -> dict:
+        """Train the batches of one epoch (from ``progress.batches`` on when resumed in mid-epoch).
+
+        A stop request (SIGTERM, Ctrl-C) is served at the next batch boundary: ``last.pt`` then
+        holds ``progress`` and the run stops with :class:`TrainingStopped`.
+        """
         from tqdm import tqdm
 
         from dcml.sampling import ClusterBatchSampler
 
+        if progress is None:
+            progress = EpochProgress.start(plan.epoch, {}, plan.active_learners)
         s = self.config.sampler
         sampler = ClusterBatchSampler(self.train_labels, self.clustering, classes_per_batch=s.classes_per_batch,
                                       images_per_class=s.images_per_class, epoch_length=s.epoch_length, seed=self.config.seed,
                                       batches_per_epoch=s.batches_per_epoch, pass_unit=s.pass_unit,
                                       fill_small_clusters=s.fill_small_clusters,
                                       num_replicas=self.dist.world_size, rank=self.dist.rank)
-        sampler.set_epoch(plan.epoch)
+        sampler.set_epoch(plan.epoch, first_batch=progress.batches)
+        epoch_batches = sampler.epoch_batches()
         self.model.train()
         self.model.set_backbone_trainable(not plan.backbone_frozen)
         head = self.model.head
@@ -366,71 +452,133 @@ class Trainer:
         forward = self._forward_module(plan)
         mask_weight = self.config.model.mask_regularization if head.masks is not None and plan.phase == DIVIDE else 0.0
         loss_parameters = list(self.loss.learnable_parameters())
-        batches, images, data_wait = 0, 0, 0.0
-        keep = self._keeps_features_for(plan)
-        bank = np.full((len(self.train_labels), self.model.backbone.feature_dim), np.nan, dtype=np.float32) if keep else None
+        if self._keeps_features_for(plan) and progress.bank is None:
+            progress.bank = np.full((len(self.train_labels), self.model.backbone.feature_dim), np.nan, dtype=np.float32)
+            progress.bank_visits = np.full(len(self.train_labels), -1, dtype=np.int64)
         # Summed on the device and read once at the end: reading a loss every step would wait for the GPU.
-        learner_losses = torch.zeros(plan.active_learners, dtype=torch.float64, device=self.device)
-        learner_batches = np.zeros(plan.active_learners, dtype=np.int64)
-        bar = tqdm(total=len(sampler), unit="batch", desc=f"epoch {plan.epoch + 1}/{len(self.plans)} {plan.phase}",
-                   disable=not self.progress, leave=False)
+        learner_losses = torch.as_tensor(progress.loss_sums, dtype=torch.float64).to(self.device)
+        watch = DivergenceWatch(self.device, LOSS_DISPLAY_EVERY)
+        bar = tqdm(total=epoch_batches, initial=progress.batches, unit="batch",
+                   desc=f"epoch {plan.epoch + 1}/{len(self.plans)} {plan.phase}", disable=not self.progress, leave=False)
         batch_iterator = iter(self.inputs.train_batches(self.train_split, self.train_labels, sampler))
-        with bar:
-            while True:
-                wait_start = time.perf_counter()
-                item = next(batch_iterator, None)
-                data_wait += time.perf_counter() - wait_start
-                if item is None:
-                    break
-                inputs, labels, indices, learner = item
-                labels = labels.to(self.device, non_blocking=True)
-                with self.autocast():
-                    features, raw = forward(self._to_device(inputs), cached=self.inputs.cached)
-                raw = raw.float()
-                if bank is not None:
-                    bank[indices.numpy()] = features.detach().float().cpu().numpy()
-                if plan.phase == DIVIDE:
-                    embeddings = head.learner_embedding(raw, learner, plan.active_learners)
-                else:
-                    embeddings = head.full_embedding(raw, plan.active_learners)
-                loss_learner = 0 if plan.phase == FINETUNE else learner
-                loss = self.loss(embeddings, labels, learner=loss_learner)
-                if mask_weight:
-                    loss = loss + mask_weight * head.mask_similarity()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.dist.average_gradients(loss_parameters)
-                self.optimizer.step()
-                learner_losses[learner] += loss.detach()
-                batches += 1
-                images += len(labels)
-                learner_batches[learner] += 1
-                bar.update(1)
-                if self.progress and (batches % LOSS_DISPLAY_EVERY == 0 or batches == len(sampler)):
-                    bar.set_postfix(loss=f"{float(learner_losses.sum()) / batches:.4f}")
-        self.model.set_backbone_trainable(True)
-        if head.masks is not None:
-            head.masks.requires_grad_(True)
-        if bank is not None:
-            self._feature_bank, self._feature_bank_epoch = bank, plan.epoch
-        self.timings["data_wait"] += data_wait
-        sums = learner_losses.cpu().numpy()
+        start = time.perf_counter()
+        try:
+            with bar, self.stop.deferred():
+                while True:
+                    if self._stop_requested_at(progress.batches):
+                        watch.check()  # nothing trained past a non-finite loss is ever saved
+                        progress.add_time(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        progress.loss_sums = learner_losses.cpu().numpy()
+                        self._save_last(plan.epoch, progress)
+                        raise TrainingStopped(self.stop.requested or "SIGTERM",
+                                              f"saved {self.out_dir}/{ckpt.LAST} after batch {progress.batches} of "
+                                              f"{epoch_batches} in epoch {plan.epoch + 1}" if self.writes_files else "")
+                    wait_start = time.perf_counter()
+                    item = next(batch_iterator, None)
+                    progress.data_wait += time.perf_counter() - wait_start
+                    if item is None:
+                        break
+                    inputs, labels, indices, learner = item
+                    labels = labels.to(self.device, non_blocking=True)
+                    with self.autocast():
+                        features, raw = forward(self._to_device(inputs), cached=self.inputs.cached)
+                    raw = raw.float()
+                    if progress.bank is not None:
+                        rows = indices.numpy()
+                        progress.bank[rows] = features.detach().float().cpu().numpy()
+                        progress.bank_visits[rows] = progress.batches * self.dist.world_size + self.dist.rank
+                    loss = self.objective(plan, raw, labels, learner)
+                    if mask_weight:
+                        loss = loss + mask_weight * head.mask_similarity()
+                    watch.record(loss, plan.epoch, progress.batches)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.dist.average_gradients(loss_parameters)
+                    self.optimizer.step()
+                    learner_losses[learner] += loss.detach()
+                    progress.batches += 1
+                    progress.images += len(labels)
+                    progress.learner_batches[learner] += 1
+                    bar.update(1)
+                    if self.progress and (progress.batches % LOSS_DISPLAY_EVERY == 0 or progress.batches == epoch_batches):
+                        bar.set_postfix(loss=f"{float(learner_losses.sum()) / max(int(progress.learner_batches.sum()), 1):.4f}")
+                watch.check()
+        finally:
+            self.model.set_backbone_trainable(True)
+            if head.masks is not None:
+                head.masks.requires_grad_(True)
+        progress.add_time(time.perf_counter() - start)
+        progress.loss_sums = learner_losses.cpu().numpy()
+        progress.trained = True
+        progress.rng = ckpt.rng_state()  # a stop during validation resumes from here
+        self._epoch_finished_training(plan, progress)
+        return self._epoch_summary(progress)
+
+    def objective(self, plan: EpochPlan, raw: torch.Tensor, labels: torch.Tensor, learner: int) -> torch.Tensor:
+        """The loss of one batch drawn from cluster ``learner``, by phase.
+
+        Divide: the learner's own (normalised) slice or mask, with that learner's loss parameters.
+        Conquer: the full normalised embedding, still with the batch's learner's parameters (its beta):
+        batches stay per cluster after the conquer epoch, as in the authors' v1 code.
+        Finetune: the full embedding as one metric, with the first learner's parameters.
+        """
+        head = self.model.head
+        if plan.phase == DIVIDE:
+            embeddings = head.learner_embedding(raw, learner, plan.active_learners)
+        else:
+            embeddings = head.full_embedding(raw, plan.active_learners)
+        return self.loss(embeddings, labels, learner=0 if plan.phase == FINETUNE else learner)
+
+    def _stop_requested_at(self, batch: int) -> bool:
+        """Whether to stop before this batch. Under torchrun ranks must stop together: they agree every few batches."""
+        if not self.dist.enabled:
+            return self.stop.requested is not None
+        return batch % LOSS_DISPLAY_EVERY == 0 and batch > 0 and self.dist.any(self.stop.requested is not None)
+
+    def _epoch_summary(self, progress: EpochProgress) -> dict:
+        sums, learner_batches, images = progress.loss_sums, progress.learner_batches, progress.images
         if self.dist.enabled:  # the log reports the loss over every rank's batches
             shares = self.dist.all_gather_objects((sums, learner_batches, images))
             sums = sum(share[0] for share in shares)
             learner_batches = sum(share[1] for share in shares)
             images = sum(share[2] for share in shares)
-            batches = int(learner_batches.sum())
+        batches = int(learner_batches.sum())
         return {
             "loss": float(sums.sum()) / max(batches, 1),
             "batches": batches,
-            "images": images,
+            "images": int(images),
             "learner_loss": [float(l / n) if n else None for l, n in zip(sums, learner_batches)],
-            "data_wait_seconds": data_wait,
+            "data_wait_seconds": progress.data_wait,
         }
 
     # ------------------------------------------------------------------ run
     def fit(self) -> dict:
+        """Train every planned epoch from :attr:`start_epoch`, then test the selected one.
+
+        SIGTERM / Ctrl-C stop it with :class:`TrainingStopped` after a resumable checkpoint; a
+        non-finite loss stops it with :class:`TrainingDiverged` (a UserError), keeping the last
+        good checkpoint.
+        """
+        with self.stop.installed():
+            try:
+                return self._fit()
+            except NonFiniteLoss as bad:
+                raise TrainingDiverged(divergence_message(
+                    bad.epoch, bad.batch, self._kept_checkpoint(),
+                    {g["name"]: g["lr"] for g in self.optimizer.param_groups}, self._effective_precision())) from None
+
+    def _kept_checkpoint(self) -> str:
+        if not self.writes_files:
+            return "no checkpoint is written by this run"
+        if not (self.out_dir / ckpt.LAST).is_file():
+            return "no checkpoint had been written yet"
+        return f"{self.out_dir}/{ckpt.LAST} keeps the state after epoch {len(self.history)}, before the bad step"
+
+    def _effective_precision(self) -> str:
+        return "bf16" if self.config.runtime.precision in ("auto", "bf16") and self.device.type == "cuda" else "fp32"
+
+    def _fit(self) -> dict:
         run_start = time.perf_counter()
         plans = self.plans
         if self.inputs.cached and self.start_epoch < len(plans):
@@ -443,38 +591,65 @@ class Trainer:
             epoch_start = time.perf_counter()
             self._set_learning_rates(plan)
             self.active_learners = plan.active_learners
-            record: dict = {"epoch": plan.epoch, "phase": plan.phase, "learners": plan.active_learners,
-                            "backbone_frozen": plan.backbone_frozen, "lr_scale": plan.lr_scale}
-            if plan.recluster or self.clustering is None:
-                before = self.timings["recluster_features"] + self.timings["kmeans"]
-                self.recluster(plan)
-                record["recluster_seconds"] = self.timings["recluster_features"] + self.timings["kmeans"] - before
-                record["cluster_images"] = self.clustering.cluster_sizes().tolist()
-                record["cluster_classes"] = self.clustering.classes_per_cluster().tolist()
-            train_start = time.perf_counter()
-            record.update(self.train_epoch(plan))
-            train_seconds = time.perf_counter() - train_start
-            self.timings["train"] += train_seconds
-            record["images_per_second"] = record["images"] / max(train_seconds, 1e-9)
-            record["data_wait_share"] = record["data_wait_seconds"] / max(train_seconds, 1e-9)
+            progress, self._resumed_progress = self._resumed_progress, None
+            if progress is None or progress.epoch != plan.epoch:
+                record: dict = {"epoch": plan.epoch, "phase": plan.phase, "learners": plan.active_learners,
+                                "backbone_frozen": plan.backbone_frozen, "lr_scale": plan.lr_scale}
+                if plan.recluster or self.clustering is None:
+                    before = self.timings["recluster_features"] + self.timings["kmeans"]
+                    self.recluster(plan)
+                    record["recluster_seconds"] = self.timings["recluster_features"] + self.timings["kmeans"] - before
+                    record["cluster_images"] = self.clustering.cluster_sizes().tolist()
+                    record["cluster_classes"] = self.clustering.classes_per_cluster().tolist()
+                progress = EpochProgress.start(plan.epoch, record, plan.active_learners)
+            if not progress.trained:
+                self.train_epoch(plan, progress)
+            else:  # resumed after this epoch's batches, before its validation
+                self._epoch_finished_training(plan, progress)
+            record = progress.record
+            record.update(self._epoch_summary(progress))
+            self.timings["train"] += progress.train_seconds
+            self.timings["data_wait"] += progress.data_wait
+            record["images_per_second"] = record["images"] / max(progress.train_seconds, 1e-9)
+            record["data_wait_share"] = record["data_wait_seconds"] / max(progress.train_seconds, 1e-9)
             is_last = plan.epoch == len(plans) - 1
+            rows = None
             if (plan.epoch + 1) % self.config.evaluation.every == 0 or is_last:
                 val_start = time.perf_counter()
-                rows = self.evaluate("val", with_nmi=self.config.evaluation.val_nmi)
+                try:
+                    rows = self.evaluate("val", with_nmi=self.config.evaluation.val_nmi)
+                except TrainingStopped as stopped:
+                    # The epoch's batches are done: keep them, validation reruns on resume.
+                    with self.stop.deferred():
+                        self._save_last(plan.epoch, progress)
+                    stopped.saved = (f"saved {self.out_dir}/{ckpt.LAST} after the batches of epoch {plan.epoch + 1}, "
+                                     "before its validation") if self.writes_files else ""
+                    raise
                 self.timings["validation"] += time.perf_counter() - val_start
-                score = self._selection_score(rows)
-                record["val"] = rows
-                record["score"] = score
-                if score > self.best_score:
-                    self.best_score, self.best_epoch, self.best_val = score, plan.epoch, rows
-                    self.best_state = copy.deepcopy(self.model.state_dict())
-                    record["best"] = True
-                    self._save_best()
-            record["seconds"] = time.perf_counter() - epoch_start
-            self.history.append(record)
-            self._save_last(plan.epoch + 1)
+            with self.stop.deferred():  # the selection, best.pt and last.pt change together
+                if rows is not None:
+                    score = self._selection_score(rows)
+                    record["val"] = rows
+                    record["score"] = score
+                    if score > self.best_score:
+                        self.best_score, self.best_epoch, self.best_val = score, plan.epoch, rows
+                        self.best_state = copy.deepcopy(self.model.state_dict())
+                        record["best"] = True
+                        self._save_best()
+                record["seconds"] = time.perf_counter() - epoch_start + progress.earlier_seconds
+                self.history.append(record)
+                self._save_last(plan.epoch + 1)
             self.echo(self._epoch_line(record))
+            if self.dist.any(self.stop.requested is not None):
+                raise TrainingStopped(self.stop.requested, f"saved {self.out_dir}/{ckpt.LAST} after epoch {plan.epoch + 1}"
+                                      if self.writes_files else "")
         return self.finish(time.perf_counter() - run_start)
+
+    def _epoch_finished_training(self, plan: EpochPlan, progress: EpochProgress) -> None:
+        """Hand the epoch's training-pass features to the next re-clustering (see ``reuse_training_features``)."""
+        if progress.bank is not None:
+            self._feature_bank, self._feature_bank_visits = progress.bank, progress.bank_visits
+            self._feature_bank_epoch = plan.epoch
 
     def _selection_score(self, rows: dict) -> float:
         row, _, metric = self.config.evaluation.selection_metric.partition("/")
@@ -527,7 +702,9 @@ class Trainer:
                           "num_clusters": self.clustering.num_clusters}
         return {
             "config": self.config.to_dict(),
+            "dataset": dataset_identity(self.dataset),
             "next_epoch": next_epoch,
+            "epoch_progress": None,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loss": self.loss.state_dict(),
@@ -535,6 +712,7 @@ class Trainer:
             "active_learners": self.active_learners,
             # Kept so a resumed run re-clusters on the same features as an uninterrupted one.
             "feature_bank": None if self._feature_bank is None else torch.from_numpy(self._feature_bank),
+            "feature_bank_visits": None if self._feature_bank_visits is None else torch.from_numpy(self._feature_bank_visits),
             "feature_bank_epoch": self._feature_bank_epoch,
             "best": {"score": self.best_score, "epoch": self.best_epoch, "val": self.best_val},
             "history": self.history,
@@ -542,19 +720,47 @@ class Trainer:
             "rng": ckpt.rng_state(),
         }
 
-    def _save_last(self, next_epoch: int) -> None:
+    def _save_last(self, next_epoch: int, progress: EpochProgress | None = None) -> None:
+        """Write ``last.pt``: after an epoch (``next_epoch`` = epochs done), or inside epoch
+        ``next_epoch`` at a batch boundary (``progress``). Collective under torchrun."""
         if self.out_dir is None:
             return
-        # Collective: every rank hands over its RNG state, so a resumed torchrun run continues each rank's streams.
-        rng_per_rank = self.dist.all_gather_objects(ckpt.rng_state()) if self.dist.enabled else None
+        # Every rank hands over its RNG state (and its share of an epoch in progress), so a resumed
+        # torchrun run continues each rank's streams.
+        rng = progress.rng if progress is not None and progress.trained else ckpt.rng_state()
+        rng_per_rank = self.dist.all_gather_objects(rng) if self.dist.enabled else None
+        if self._feature_bank is not None and self.dist.enabled:  # rank 0 saves every rank's rows
+            self._feature_bank = self._combined_bank(self._feature_bank, self._feature_bank_visits)
+            self._feature_bank_visits = self.dist.all_reduce(self._feature_bank_visits, "max")
+        epoch_progress = None
+        if progress is not None:
+            per_rank = self.dist.all_gather_objects(progress.rank_state())
+            bank = None if progress.bank is None else self._combined_bank(progress.bank, progress.bank_visits)
+            visits = None if progress.bank is None else self.dist.all_reduce(progress.bank_visits, "max")
+            epoch_progress = progress.state(per_rank, bank, visits)
         if not self.dist.is_main:
             return
         state = self._state(next_epoch)
+        state["epoch_progress"] = epoch_progress
+        state["rng"] = rng
         if rng_per_rank is not None:
             state["rng_per_rank"] = rng_per_rank
         ckpt.save_checkpoint(self.out_dir / ckpt.LAST, state)
         lines = "".join(json.dumps(record) + "\n" for record in self.history).encode()
         write_atomically({self.out_dir / LOG_FILE: lambda stream: stream.write(lines)})
+
+    def _combined_bank(self, bank: np.ndarray, visits: np.ndarray) -> np.ndarray:
+        """Under torchrun, every rank's training-pass features in one bank: each row from the rank
+        whose batch visited that image last (the lowest such rank when several hold the same visit)."""
+        if not self.dist.enabled:
+            return bank
+        latest = self.dist.all_reduce(visits, "max")
+        holds = (visits == latest) & (latest >= 0)
+        owner = self.dist.all_reduce(np.where(holds, self.dist.rank, self.dist.world_size).astype(np.int64), "min")
+        mine = holds & (owner == self.dist.rank)
+        combined = self.dist.all_reduce(np.where(mine[:, None], np.nan_to_num(bank, nan=0.0), 0.0).astype(np.float32), "sum")
+        combined[latest < 0] = np.nan
+        return combined
 
     def _save_best(self) -> None:
         if not self.writes_files:
@@ -564,7 +770,21 @@ class Trainer:
                                                         "active_learners": self.active_learners})
 
     def resume(self, checkpoint: dict) -> None:
-        """Continue from a ``last.pt`` payload: weights, optimiser, betas, clusters, RNG, history."""
+        """Continue from a ``last.pt`` payload: weights, optimiser, betas, clusters, RNG, history, and an
+        epoch in progress. A checkpoint that does not fit this run is refused in one line."""
+        path = checkpoint.get("path", ckpt.LAST)
+        saved_data = checkpoint.get("dataset")
+        if isinstance(saved_data, dict):
+            check_same_dataset(saved_data, dataset_identity(self.dataset), self.config.data.root)
+        try:
+            self._restore(checkpoint)
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{path} cannot be resumed: {text} (damaged, or written for other settings)") from None
+
+    def _restore(self, checkpoint: dict) -> None:
         from dcml.clustering import Clustering
 
         self.model.load_state_dict(checkpoint["model"])
@@ -575,23 +795,32 @@ class Trainer:
             self.clustering = Clustering(assignment=np.asarray(c["assignment"]), usable=np.asarray(c["usable"]),
                                          num_clusters=int(c["num_clusters"]), labels=self.train_labels)
         best = checkpoint["best"]
-        self.best_score, self.best_epoch, self.best_val = best["score"], best["epoch"], best["val"]
+        self.best_score, self.best_epoch, self.best_val = float(best["score"]), best["epoch"], best["val"]
         if self.best_epoch is not None and self.out_dir is not None:
             # Every rank needs the selected weights for the sharded test pass; rank 0 reads the file.
-            best = self.out_dir / ckpt.BEST
-            self.best_state = self.dist.on_main(lambda: ckpt.load_checkpoint(best)["model"] if best.is_file() else None)
+            self.best_state = self.dist.on_main(lambda: read_selected_weights(self.out_dir / ckpt.BEST, int(self.best_epoch)))
         self.history = list(checkpoint["history"])
         self.timings = dict(checkpoint["timings"])
         self.start_epoch = int(checkpoint["next_epoch"])
         self.active_learners = int(checkpoint["active_learners"])
         if checkpoint.get("feature_bank") is not None:
             self._feature_bank = checkpoint["feature_bank"].numpy().copy()
+            visits = checkpoint.get("feature_bank_visits")
+            self._feature_bank_visits = (visits.numpy().copy() if visits is not None
+                                         else np.where(np.isnan(self._feature_bank[:, 0]), -1, 0).astype(np.int64))
             self._feature_bank_epoch = checkpoint["feature_bank_epoch"]
+        progress = checkpoint.get("epoch_progress")
+        rng = checkpoint["rng"]
         per_rank = checkpoint.get("rng_per_rank")
+        if progress is not None:
+            if len(progress["per_rank"]) != self.dist.world_size:
+                raise UserError(f"{checkpoint.get('path', ckpt.LAST)} was stopped inside an epoch by a {len(progress['per_rank'])}-process "
+                                f"run; resume it with that many processes ({self.dist.world_size} now)")
+            self._resumed_progress = EpochProgress.from_state(progress, self.dist.rank)
         if per_rank is not None and len(per_rank) == self.dist.world_size:
             ckpt.restore_rng_state(per_rank[self.dist.rank])
         elif not self.dist.enabled:
-            ckpt.restore_rng_state(checkpoint["rng"])
+            ckpt.restore_rng_state(rng)
         else:
             # Another number of ranks than the run was saved with: continue with fresh per-rank streams.
             if self.dist.is_main:
@@ -599,6 +828,30 @@ class Trainer:
                 warnings.warn(f"resuming a {saved}-process run with {self.dist.world_size} processes: the random streams "
                               "are reseeded, so the run will not match an uninterrupted one exactly", stacklevel=2)
             seed_everything(self.config.seed + RANK_SEED_STRIDE * self.dist.rank + int(checkpoint["next_epoch"]))
+
+
+def read_selected_weights(path: Path, epoch: int) -> dict:
+    """The weights of the selected epoch from ``best.pt``, refusing a missing file or one of another run."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing, but last.pt selected epoch {epoch + 1} and only best.pt holds its weights: "
+                        "restore it, or start a new run in another --out")
+    best = ckpt.load_checkpoint(path)
+    if best.get("epoch") != epoch:
+        shown = "no epoch" if best.get("epoch") is None else f"epoch {int(best['epoch']) + 1}"
+        raise UserError(f"{path} holds {shown} but last.pt selected epoch {epoch + 1}: the two files come from "
+                        "different runs; restore the run's own best.pt")
+    return best["model"]
+
+
+def check_same_dataset(saved: dict, current: dict, root: str | None) -> None:
+    """Refuse to resume on other data than the run trained on (a moved folder is fine: names are compared)."""
+    for name in ("train", "val"):
+        then, now = saved.get(name, {}), current[name]
+        if then.get("sha256") != now["sha256"]:
+            where = f"at {root}" if root else "in the default location"
+            raise UserError(f"the dataset {where} is not the one this run trained on ({name} split: "
+                            f"{then.get('images')} images of {then.get('classes')} classes then, {now['images']} of "
+                            f"{now['classes']} now); point --data-root at the original data")
 
 
 def write_config(out_dir: Path, config: TrainConfig) -> None:
