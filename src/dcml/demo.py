@@ -13,21 +13,50 @@ import time
 from pathlib import Path
 
 from dcml.config import load_config
+from dcml.errors import UserError
 from dcml.io import write_atomically
 
 PROTOCOLS = ("cross_vendor", "leave_one_out")
+#: What a demo writes in its folder (besides one run folder per model, see RUN_NAMES).
+RESULT_FILES = ("results.json", "results.md", "curves.png")
+RUN_NAMES = ("baseline", "dnc")
 TABLE_KS = (1, 2, 4, 8)
 DEFAULT_DNC_LEARNERS = 4
 
 
+def check_demo_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier demo's files unless ``overwrite``, which clears them (only them)."""
+    from dcml.training.checkpoint import remove_stale_temporaries
+    from dcml.training.run_files import clear_run_files, existing_run_files
+
+    existing = [out / name for name in RESULT_FILES if (out / name).exists()]
+    for name in RUN_NAMES:
+        existing += existing_run_files(out / name)
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists: {out} holds an earlier demo; choose another --out, "
+                        "or pass --overwrite to replace it")
+    for path in existing:
+        if path.parent == out:
+            path.unlink()
+    for name in RUN_NAMES:
+        clear_run_files(out / name)
+        remove_stale_temporaries(out / name)
+    remove_stale_temporaries(out)
+
+
 def run_demo(out: Path, *, quick: bool = False, learners: int = DEFAULT_DNC_LEARNERS, seed: int = 0,
-             overrides: list[str] | None = None, progress: bool = True, echo=print) -> dict:
-    """Train K = 1 and K = ``learners`` on emoji; write out/results.json and out/results.md."""
-    from dcml.cli.train import QUICK_OVERRIDES
+             overrides: list[str] | None = None, progress: bool = True, echo=print, overwrite: bool = False) -> dict:
+    """Train K = 1 and K = ``learners`` on emoji; write out/results.json and out/results.md.
+
+    An earlier demo in ``out`` is refused unless ``overwrite``."""
+    from dcml.training.quick import QUICK_OVERRIDES
     from dcml.training.trainer import Trainer, prepare_dataset, write_config
 
     start = time.perf_counter()
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    check_demo_folder(out, overwrite)
     # data.root null: the default emoji cache, built with npm on first use.
     common = [*(QUICK_OVERRIDES if quick else ()), f"seed={seed}", *(overrides or [])]
     configs = {

@@ -405,3 +405,20 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     assert ckpt.load_checkpoint(out / ckpt.LAST)["next_epoch"] == 1
     assert not (out / "metrics.json").exists()
 
+
+
+def test_the_image_pixel_limit_reaches_training(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_folder, out, "--set", "data.max_image_pixels=100")) == 2
+    err = capsys.readouterr().err
+    assert "over the limit of 100" in err and err.count("\n") == 1
+
+
+def test_demo_refuses_an_earlier_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "dnc").mkdir(parents=True)
+    (out / "dnc" / "best.pt").write_bytes(b"an earlier demo's model")
+    assert main(["demo", "--out", str(out), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "best.pt already exists" in err and "--overwrite" in err
+    assert (out / "dnc" / "best.pt").read_bytes() == b"an earlier demo's model"

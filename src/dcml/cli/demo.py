@@ -26,14 +26,21 @@ def register(subparsers) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of both runs, e.g. --set clustering.unit=class")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo's files in --out")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from dcml.demo import run_demo
+    from dcml.training.stopping import TrainingStopped
 
-    payload = run_demo(args.out, quick=args.quick, learners=args.learners, seed=args.seed, overrides=args.overrides,
-                       progress=not args.no_progress and sys.stderr.isatty(), echo=lambda m: print(m, flush=True))
+    try:
+        payload = run_demo(args.out, quick=args.quick, learners=args.learners, seed=args.seed, overrides=args.overrides,
+                           progress=not args.no_progress and sys.stderr.isatty(), echo=lambda m: print(m, flush=True),
+                           overwrite=args.overwrite)
+    except TrainingStopped as stopped:
+        print(f"dcml: stopped by {stopped.signal_name}; the demo is incomplete (run it again with --overwrite)", file=sys.stderr)
+        return stopped.exit_code
     print()
     print((args.out / "results.md").read_text().rstrip())
     print(f"\nwrote {args.out}/results.json and {args.out}/results.md ({payload['seconds']:.0f} s)")

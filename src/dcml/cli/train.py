@@ -10,19 +10,10 @@ from pathlib import Path
 
 from dcml.cli.arguments import positive_int
 from dcml.errors import UserError
+from dcml.training.quick import QUICK_OVERRIDES  # shared with dcml demo
+from dcml.training.run_files import check_run_folder
 
-#: `--quick`: the smoke-test budget (the same for `dcml train` and `dcml demo`): a few epochs at
-#: 64 px with only the backbone's last units training, so a run takes about a minute on two cores.
-QUICK_OVERRIDES = (
-    "data.image_size=64",
-    "data.train_augmentation=none",
-    "data.cache_frozen_features=true",
-    "model.trainable_blocks=3",
-    "schedule.epochs=4",
-    "schedule.conquer_epoch=3",
-    "schedule.finetune_epoch=null",
-    "clustering.recluster_every=2",
-)
+DEFAULT_PRESET = "emoji"
 
 
 def register(subparsers) -> None:
@@ -51,7 +42,8 @@ def register(subparsers) -> None:
                        help="continue the run in --out from its last.pt (settings that would change the run are refused; "
                        "--data-root, --epochs, --weights and --set runtime.*/device/data.num_workers may change)")
     train.add_argument("--overwrite", action="store_true",
-                       help="replace the run files (config.yaml, log.jsonl, last.pt, best.pt, metrics.json) already in --out")
+                       help="replace the run files (config.yaml, log.jsonl, last.pt, best.pt, metrics.json) already in "
+                       "--out; other files there are left alone")
     train.add_argument("--dry-run", action="store_true", help="check the dataset and settings, print the plan, do not train")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=_train)
@@ -82,13 +74,10 @@ def register(subparsers) -> None:
     upgrade.set_defaults(handler=_upgrade)
 
 
-DEFAULT_PRESET = "emoji"
 #: What ``--resume`` may change: where the data and weights are, how fast it runs, how long it
 #: trains. Anything else would make the rest of the run another experiment than its beginning.
 RESUMABLE_SETTINGS = ("data.root", "data.num_workers", "data.eval_batch_size", "data.max_image_pixels", "model.weights",
                       "device", "runtime.", "schedule.epochs")
-#: The files a run folder holds; a new run refuses a folder that has any of them (unless --overwrite).
-RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json")
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None):
@@ -145,24 +134,6 @@ def resume_config(args: argparse.Namespace, payload: dict):
         raise UserError(f"{args.out} has already trained {done} epochs; --epochs {requested.schedule.epochs} would end it "
                         "before that (use --epochs {done} or more)".replace("{done}", str(done)))
     return requested
-
-
-def check_run_folder(out: Path, overwrite: bool) -> None:
-    """A new run never mixes its files with another run's: refuse an occupied folder, or clear the
-    run files (and only those) with ``--overwrite``."""
-    from dcml.training import checkpoint as ckpt
-
-    existing = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-    if not existing:
-        return
-    if not overwrite:
-        hint = "pass --resume to continue it, " if (out / ckpt.LAST).exists() else ""
-        raise UserError(f"{existing[0]} already exists: {out} holds files of a run; {hint}choose another --out, "
-                        "or pass --overwrite to replace them")
-    for path in existing:
-        if path.is_dir() and not path.is_symlink():
-            raise UserError(f"{path} is a folder; dcml will not delete it (remove it or choose another --out)")
-        path.unlink()
 
 
 def _default_out(preset: str) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dcml.data.images import load_rgb
+from dcml.data.images import DEFAULT_MAX_IMAGE_PIXELS, load_rgb
 from dcml.data.records import Split
 from dcml.errors import DatasetError
 
@@ -22,15 +22,15 @@ from dcml.errors import DatasetError
 class _TrainImages(torch.utils.data.Dataset):
     """Items are ``(index, learner, seed)`` triples: the learner rides along, the seed drives the augmentation."""
 
-    def __init__(self, split: Split, labels: np.ndarray, transform):
-        self.split, self.labels, self.transform = split, labels, transform
+    def __init__(self, split: Split, labels: np.ndarray, transform, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.split, self.labels, self.transform, self.max_pixels = split, labels, transform, max_pixels
 
     def __len__(self) -> int:
         return self.split.num_images
 
     def __getitem__(self, item):
         index, learner, seed = item
-        image = load_rgb(self.split.paths[index])
+        image = load_rgb(self.split.paths[index], max_pixels=self.max_pixels)
         # The crop and flip of an image depend only on its seed, not on which worker process draws
         # it or how long that worker has lived: results do not depend on num_workers or on
         # persistent workers, and a resumed run repeats the augmentation exactly.
@@ -41,8 +41,8 @@ class _TrainImages(torch.utils.data.Dataset):
 
 
 class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, split: Split, transform, indices: np.ndarray | None = None):
-        self.split, self.transform = split, transform
+    def __init__(self, split: Split, transform, indices: np.ndarray | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.split, self.transform, self.max_pixels = split, transform, max_pixels
         self.indices = np.arange(split.num_images) if indices is None else np.asarray(indices)
 
     def __len__(self) -> int:
@@ -50,7 +50,7 @@ class _EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, position):
         index = int(self.indices[position])
-        return self.transform(load_rgb(self.split.paths[index])), index
+        return self.transform(load_rgb(self.split.paths[index], max_pixels=self.max_pixels)), index
 
 
 class _SeededEpoch:
@@ -82,6 +82,8 @@ class LoaderSettings:
     pin_memory: bool = False  # only meaningful on CUDA
     persistent_workers: bool = False  # the training loader's workers live across epochs
     prefetch_factor: int = 2
+    # Not how the loaders run but what their images may be: the decompression-bomb limit (data.max_image_pixels).
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def options(self, seed: int = 0, persistent: bool = False) -> dict:
         # An own generator: a DataLoader otherwise draws its workers' base seed from torch's global
@@ -116,7 +118,7 @@ class ImageInputs:
         key = (split.name, split.num_images, hash(split.paths))
         if self._train_loader is None or self._train_key != key:
             self._train_loader = torch.utils.data.DataLoader(
-                _TrainImages(split, labels, self.train_transform), batch_sampler=self._epoch,
+                _TrainImages(split, labels, self.train_transform, self.loader.max_image_pixels), batch_sampler=self._epoch,
                 **self.loader.options(batch_sampler.seed, persistent=True),
             )
             self._train_key = key
@@ -127,7 +129,7 @@ class ImageInputs:
     def eval_batches(self, split: Split, indices: np.ndarray | None = None, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Test-transform inputs of ``split`` (or of its images ``indices``), in order, with their indices."""
         loader = torch.utils.data.DataLoader(
-            _EvalImages(split, self.test_transform, indices), batch_size=batch_size or self.eval_batch_size, shuffle=False,
+            _EvalImages(split, self.test_transform, indices, self.loader.max_image_pixels), batch_size=batch_size or self.eval_batch_size, shuffle=False,
             **self.loader.options(),
         )
         yield from loader

@@ -272,7 +272,8 @@ class Trainer:
         backbone = self.model.backbone
         test_transform = backbone.test_transform(d.image_size)
         loader = LoaderSettings(num_workers=d.num_workers, pin_memory=r.pin_memory and self.device.type == "cuda",
-                                persistent_workers=r.persistent_workers, prefetch_factor=r.prefetch_factor)
+                                persistent_workers=r.persistent_workers, prefetch_factor=r.prefetch_factor,
+                                max_image_pixels=d.max_image_pixels)
         if not d.cache_frozen_features:
             if d.train_augmentation == "none":
                 train_transform = test_transform

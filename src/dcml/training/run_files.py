@@ -1,0 +1,35 @@
+"""The files of a run folder, and the rule that a new run never mixes its files with another's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dcml.errors import UserError
+
+#: What a training run writes in its folder. A new run refuses a folder holding any of them
+#: (unless --overwrite, which removes those files and nothing else).
+RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json")
+
+
+def existing_run_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    return [folder / name for name in RUN_FILES if (folder / name).exists() or (folder / name).is_symlink()]
+
+
+def clear_run_files(folder: Path) -> None:
+    for path in existing_run_files(folder):
+        if path.is_dir() and not path.is_symlink():
+            raise UserError(f"{path} is a folder; dcml will not delete it (remove it or choose another --out)")
+        path.unlink()
+
+
+def check_run_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an occupied folder for a new run, or clear its run files with ``overwrite``."""
+    existing = existing_run_files(out)
+    if not existing:
+        return
+    if not overwrite:
+        hint = "pass --resume to continue it, " if (Path(out) / "last.pt").exists() else ""
+        raise UserError(f"{existing[0]} already exists: {out} holds files of a run; {hint}choose another --out, "
+                        "or pass --overwrite to replace them")
+    clear_run_files(out)
