@@ -1,6 +1,7 @@
 """Entry point that `torchrun` starts in the distributed tests (not a test module itself).
 
     torchrun --nproc_per_node 2 ddp_worker.py step OUT ROOT      # three short epochs, dump each rank's state
+    torchrun --nproc_per_node 2 ddp_worker.py bank OUT ROOT      # one epoch keeping training features, pooled
     torchrun --nproc_per_node 2 ddp_worker.py cli ARGS...         # `dcml ARGS...` with the tiny test backbone
 
 Both register the tiny test backbone first (tests/training/conftest.py), which a plain
@@ -59,11 +60,41 @@ def one_step(out: Path, root: Path) -> None:
         distributed.teardown()
 
 
+def pooled_bank(out: Path, root: Path) -> None:
+    """One epoch with reuse_training_features and frozen weights (lr 0): each rank's kept rows, the
+    pooled bank and a fresh pass, to compare."""
+    from dcml.config import load_config
+    from dcml.training import distributed
+    from dcml.training.trainer import Trainer
+
+    overrides = conftest.tiny_overrides(root) + [
+        "runtime.distributed_backend=gloo", "sampler.batches_per_epoch=4", "clustering.reuse_training_features=true",
+        "optimizer.lr_backbone=0", "optimizer.lr_embedding=0", "optimizer.lr_beta=0", "schedule.epochs=2",
+        "schedule.conquer_epoch=null",
+    ]
+    config = load_config("emoji", overrides)
+    dist = distributed.setup(config.device, "gloo")
+    try:
+        trainer = Trainer(config, None, progress=False, distributed=dist)
+        plan = trainer.plans[0]
+        trainer.recluster(plan)
+        trainer.train_epoch(plan)
+        visits = trainer._feature_bank_visits.copy()
+        pooled = trainer._combined_bank(trainer._feature_bank, visits)
+        fresh = trainer.embed(trainer.train_split, "backbone")
+        torch.save({"visits": torch.from_numpy(visits), "pooled": torch.from_numpy(pooled), "fresh": torch.from_numpy(fresh)},
+                   out / f"bank{dist.rank}.pt")
+    finally:
+        distributed.teardown()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode, *rest = sys.argv[1:]
     if mode == "step":
         one_step(Path(rest[0]), Path(rest[1]))
+    elif mode == "bank":
+        pooled_bank(Path(rest[0]), Path(rest[1]))
     elif mode == "cli":
         from dcml.cli import main
 

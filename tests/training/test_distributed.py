@@ -70,10 +70,23 @@ def test_two_ranks_hold_identical_clusters_and_weights_after_a_step(tiny_folder,
     assert rank0["val"] == rank1["val"]
 
 
+def test_reused_training_features_are_pooled_over_the_ranks(tiny_folder, tmp_path):
+    _torchrun("bank", str(tmp_path), str(tiny_folder))
+    rank0, rank1 = (torch.load(tmp_path / f"bank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(rank0["pooled"].nan_to_num(-7), rank1["pooled"].nan_to_num(-7))
+    visited = (rank0["visits"] >= 0) | (rank1["visits"] >= 0)
+    assert (rank0["visits"] >= 0).any() and (rank1["visits"] >= 0).any() and not visited.all()
+    pooled = rank0["pooled"]
+    assert not pooled[visited].isnan().any() and pooled[~visited].isnan().all()
+    # The weights did not move, so each kept row is the image's test-time feature.
+    torch.testing.assert_close(pooled[visited], rank0["fresh"][visited], rtol=1e-4, atol=1e-5)
+
+
 def test_torchrun_training_writes_once_and_resumes(tiny_folder, tmp_path):
     out = tmp_path / "run"
     base = ["train", "--preset", "emoji", "--no-progress", "--out", str(out)]
-    settings = [f"--set={item}" for item in tiny_overrides(tiny_folder) + ["clustering.reuse_training_features=false"]]
+    # The emoji preset's reuse_training_features stays on: the ranks pool their features.
+    settings = [f"--set={item}" for item in tiny_overrides(tiny_folder) + ["clustering.reuse_training_features=true"]]
     first = _torchrun("cli", *base, *settings, "--epochs", "2", "--set", "schedule.conquer_epoch=1")
     assert first.stdout.count("selected epoch") == 1  # rank 0 alone reports
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

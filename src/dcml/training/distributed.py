@@ -115,7 +115,8 @@ class Distributed:
             return array
         import torch.distributed as dist
 
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.collective_device)
+        # A copy: all_reduce works in place, and the caller's array must keep this rank's values.
+        tensor = torch.from_numpy(np.array(array, copy=True)).to(self.collective_device)
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
         return tensor.cpu().numpy()
 
