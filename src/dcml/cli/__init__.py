@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import warnings
 
 from dcml import __version__
@@ -26,6 +29,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         importlib.import_module(f"dcml.cli.{name}").register(subparsers)
     return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the command's own clean-up runs (temporary files are removed)."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - the signal module's signature
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_like_ctrl_c():
+    """Cluster schedulers stop jobs with SIGTERM: end with a word, not a silent exit 143.
+    (Training installs its own handler, which first finishes the batch and saves.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
@@ -51,13 +76,16 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             try:
-                result = args.handler(args)
+                with _sigterm_like_ctrl_c():
+                    result = args.handler(args)
             except UserError as error:
                 print(f"dcml: error: {error}", file=sys.stderr)
                 return error.exit_code
-            except KeyboardInterrupt:
-                print("dcml: interrupted", file=sys.stderr)
-                return 130
+            except KeyboardInterrupt as interruption:
+                terminated = isinstance(interruption, _Terminated)
+                print(f"dcml: {'stopped by SIGTERM' if terminated else 'interrupted'}; nothing half-written was left behind",
+                      file=sys.stderr)
+                return 143 if terminated else 130
         return int(result or 0)
     finally:
         for stream, errors in restore:
