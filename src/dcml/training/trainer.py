@@ -307,27 +307,24 @@ class Trainer:
         return self._embed_local(split, space, indices)
 
     def _embed_local(self, split: Split, space: str, indices: np.ndarray | None) -> np.ndarray:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        parts = []
-        batch_size = self.config.runtime.feature_batch_size
-        try:
-            with torch.inference_mode():
-                for inputs, _ in self.inputs.eval_batches(split, indices, batch_size):
-                    with self.autocast():
-                        features = model.features(self._to_device(inputs), cached=self.inputs.cached)
-                        if space == "embedding":
-                            features = model.head(features)
-                    if space == "embedding":
-                        features = model.head.full_embedding(features.float(), self.active_learners)
-                    parts.append(features.float().cpu())
-        finally:
-            model.train(was_training)
-        if not parts:
-            width = model.head.dim if space == "embedding" else model.backbone.feature_dim
-            return np.zeros((0, width), dtype=np.float32)
-        return torch.cat(parts).numpy()
+        from dcml.embedding import run_over_batches
+
+        model, cached, learners = self.model, self.inputs.cached, self.active_learners
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            features = model.features(inputs, cached=cached)
+            if space != "embedding":
+                return features
+            raw = model.head(features)
+            # The learners' normalisation and the concatenation in float32, outside autocast.
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                return model.head.full_embedding(raw.float(), learners)
+
+        width = model.head.dim if space == "embedding" else model.backbone.feature_dim
+        batches = self.inputs.eval_batches(split, indices, self.config.runtime.feature_batch_size)
+        return run_over_batches(batches, forward, device=self.device, model=model, autocast=self.autocast,
+                                total=split.num_images if indices is None else len(indices), width=width,
+                                progress=self.progress, desc=f"embed {split.name}")
 
     def evaluate(self, split: str | None = None, with_nmi: bool = True, space: str = "embedding") -> dict:
         """Metrics rows of the dataset's protocol (``split=None``: the test data) for the current weights.
