@@ -48,6 +48,24 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+#: Seeds each engine accepts: faiss stores its k-means seed in a C ``int``; torch's
+#: ``manual_seed`` takes -2**63 .. 2**64 - 1.
+_FAISS_SEEDS = (-(2**31), 2**31)
+_TORCH_SEEDS = (-(2**63), 2**64)
+
+
+def fold_seed(seed: int, accepted: tuple[int, int]) -> int:
+    """``seed`` itself when the engine accepts it, else folded into its range (modulo its width).
+
+    Callers derive seeds arithmetically (the trainer's per-epoch k-means seed is seed x 100003 +
+    epoch, which passes 2**31 for seeds >= 21475); folding only the out-of-range ones keeps every
+    seed that worked before, so existing results (seeds 0..10 and any epoch count) do not change.
+    """
+    seed = int(seed)
+    low, high = accepted
+    return seed if low <= seed < high else (seed - low) % (high - low) + low
+
+
 class FaissBackend:
     name = "faiss"
 
@@ -68,7 +86,7 @@ class FaissBackend:
             x.shape[1],
             k,
             niter=iterations,
-            seed=seed,
+            seed=fold_seed(seed, _FAISS_SEEDS),
             # Never subsample: evaluation and re-clustering must see every point.
             max_points_per_centroid=max(1, -(-len(x) // k)),
             min_points_per_centroid=1,  # few points per class is normal here, not worth a warning
@@ -115,7 +133,7 @@ class TorchBackend:
     def kmeans(self, x, k, *, iterations=DEFAULT_KMEANS_ITERATIONS, seed=DEFAULT_KMEANS_SEED):
         torch = self._torch
         points = torch.from_numpy(_as_float32(x))
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(fold_seed(seed, _TORCH_SEEDS))
         centroids = points[torch.randperm(len(points), generator=generator)[:k]].clone()
         for _ in range(iterations):
             assignment = self._assign(points, centroids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,31 @@ import yaml
 from dcml.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+
+#: Largest ``seed``: a non-negative C ``int``. Seeds reach numpy's default_rng (which refuses negative
+#: seeds; ``np.random.seed`` needs < 2**32), faiss k-means (a C ``int``) and torch (< 2**64); this is
+#: the range all of them accept. Seeds derived from it (the trainer's per-epoch k-means seeds,
+#: seed x 100003 + epoch) can exceed a C int: :mod:`dcml.backends` folds those into faiss's range.
+MAX_SEED = 2**31 - 1
+#: Largest ``data.image_size`` (pixels per side). Activation memory grows with its square: a
+#: ResNet-50 forward of one 2048 px image already takes several GB, and no benchmark here is
+#: published above 256 px, so a larger value is a typo that would end in an out-of-memory crash.
+MAX_IMAGE_SIZE = 2048
+#: Largest ``schedule.epochs``. The trainer's k-means seeds are seed x 100003 + epoch, so runs with
+#: different seeds never share one only while epochs < 100003; the schedule also holds one plan per
+#: epoch in memory.
+MAX_EPOCHS = 100_000
+#: faiss takes k-means iterations as a C int; far fewer than this already converge.
+MAX_KMEANS_ITERATIONS = 10_000
+#: Images per batch of a feature pass, and DataLoader workers / prefetched batches: sizes far past
+#: these exhaust memory or processes long before they help.
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 256
+MAX_PREFETCH_FACTOR = 128
+#: Largest embedding width: the heads and every evaluation tile scale with it.
+MAX_EMBEDDING_DIM = 65_536
+#: torch.distributed's timeout: one week is longer than any evaluation a rank waits for.
+MAX_TIMEOUT_MINUTES = 7 * 24 * 60
 
 
 @dataclass
@@ -309,13 +335,28 @@ def _require(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+def _require_finite_floats(config: TrainConfig) -> None:
+    """No float setting means anything as NaN or infinity (YAML .nan / .inf, or --set x=nan); range
+    checks alone would let them through (every comparison with NaN is false, inf passes >= 0)."""
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for item in dataclasses.fields(value):
+            number = getattr(value, item.name)
+            if isinstance(number, float):
+                _require(math.isfinite(number), f"{section.name}.{item.name} must be a finite number; got {number}")
+
+
 def validate(config: TrainConfig) -> None:
     """Checks that need no dataset: ranges and combinations of settings."""
     d, m, c, s, lo, sc, o, e = (config.data, config.model, config.clustering, config.sampler, config.loss,
                                 config.schedule, config.optimizer, config.evaluation)
-    _require(d.image_size >= 16, f"data.image_size must be at least 16 pixels; got {d.image_size}")
-    _require(d.num_workers >= 0, f"data.num_workers must be >= 0; got {d.num_workers}")
-    _require(d.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1; got {d.eval_batch_size}")
+    _require_finite_floats(config)
+    _require(0 <= config.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}; got {config.seed}")
+    _require(16 <= d.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be in 16..{MAX_IMAGE_SIZE} pixels; got {d.image_size}")
+    _require(0 <= d.num_workers <= MAX_WORKERS, f"data.num_workers must be in 0..{MAX_WORKERS}; got {d.num_workers}")
+    _require(1 <= d.eval_batch_size <= MAX_BATCH_SIZE, f"data.eval_batch_size must be in 1..{MAX_BATCH_SIZE}; got {d.eval_batch_size}")
     _require(0 < d.validation_fraction < 1, f"data.validation_fraction must be between 0 and 1; got {d.validation_fraction}")
     _require(d.max_image_pixels >= 1, f"data.max_image_pixels must be a positive number of pixels (width x height); got {d.max_image_pixels}")
     if d.cache_frozen_features:
@@ -323,7 +364,7 @@ def validate(config: TrainConfig) -> None:
                  "data.cache_frozen_features needs data.train_augmentation=none (random crops change the frozen part's input)")
         _require(m.trainable_blocks is not None, "data.cache_frozen_features needs model.trainable_blocks (how much of the backbone trains)")
     _require(m.trainable_blocks is None or m.trainable_blocks >= 0, f"model.trainable_blocks must be >= 0 or null; got {m.trainable_blocks}")
-    _require(m.embedding_dim >= 1, f"model.embedding_dim must be >= 1; got {m.embedding_dim}")
+    _require(1 <= m.embedding_dim <= MAX_EMBEDDING_DIM, f"model.embedding_dim must be in 1..{MAX_EMBEDDING_DIM}; got {m.embedding_dim}")
     _require(0 <= m.dropout < 1, f"model.dropout must be in [0, 1); got {m.dropout}")
     _require(m.mask_lr_multiplier > 0, f"model.mask_lr_multiplier must be > 0; got {m.mask_lr_multiplier}")
     _require(m.mask_regularization >= 0, f"model.mask_regularization must be >= 0; got {m.mask_regularization}")
@@ -340,7 +381,8 @@ def validate(config: TrainConfig) -> None:
                  "clustering.reuse_training_features needs data.train_augmentation=none and model.freeze_bn_stats=true "
                  "(otherwise training features are not test-time features)")
     _require(c.recluster_every >= 1, f"clustering.recluster_every must be >= 1 epoch; got {c.recluster_every}")
-    _require(c.kmeans_iterations >= 1, f"clustering.kmeans_iterations must be >= 1; got {c.kmeans_iterations}")
+    _require(1 <= c.kmeans_iterations <= MAX_KMEANS_ITERATIONS,
+             f"clustering.kmeans_iterations must be in 1..{MAX_KMEANS_ITERATIONS}; got {c.kmeans_iterations}")
     _require(c.min_classes_per_cluster >= 2, f"clustering.min_classes_per_cluster must be >= 2; got {c.min_classes_per_cluster}")
     _require(2 <= s.classes_per_batch <= 1024, f"sampler.classes_per_batch must be in 2..1024; got {s.classes_per_batch}")
     _require(2 <= s.images_per_class <= 64, f"sampler.images_per_class must be in 2..64; got {s.images_per_class}")
@@ -351,7 +393,7 @@ def validate(config: TrainConfig) -> None:
     _require(lo.nu >= 0 and lo.triplet_margin > 0, "loss.nu must be >= 0 and loss.triplet_margin > 0")
     if lo.name == "pml":
         _require(bool(lo.pml_loss), "loss.name=pml needs loss.pml_loss, e.g. MultiSimilarityLoss")
-    _require(sc.epochs >= 1, f"schedule.epochs must be >= 1; got {sc.epochs}")
+    _require(1 <= sc.epochs <= MAX_EPOCHS, f"schedule.epochs must be in 1..{MAX_EPOCHS}; got {sc.epochs}")
     for name in ("conquer_epoch", "finetune_epoch"):
         value = getattr(sc, name)
         _require(value is None or 0 <= value <= sc.epochs,
@@ -359,7 +401,8 @@ def validate(config: TrainConfig) -> None:
                  f"set it too, e.g. --set schedule.{name}={int(sc.epochs * 0.7)} (or null)")
     if sc.conquer_epoch is not None and sc.finetune_epoch is not None:
         _require(sc.finetune_epoch >= sc.conquer_epoch, "schedule.finetune_epoch must not come before schedule.conquer_epoch")
-    _require(sc.freeze_backbone_after_recluster >= 0, "schedule.freeze_backbone_after_recluster must be >= 0")
+    _require(0 <= sc.freeze_backbone_after_recluster <= sc.epochs,
+             f"schedule.freeze_backbone_after_recluster must be in 0..schedule.epochs={sc.epochs}; got {sc.freeze_backbone_after_recluster}")
     for name in ("lr_backbone", "lr_embedding", "lr_beta"):
         _require(getattr(o, name) >= 0, f"optimizer.{name} must be >= 0; got {getattr(o, name)}")
     _require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0; got {o.weight_decay}")
@@ -372,9 +415,11 @@ def validate(config: TrainConfig) -> None:
         _require(len(e.recall_ks) > 0 and all(k >= 1 for k in e.recall_ks) and list(e.recall_ks) == sorted(set(e.recall_ks)),
                  f"evaluation.recall_ks must be increasing positive integers, e.g. [1, 2, 4, 8]; got {e.recall_ks}")
     r = config.runtime
-    _require(r.prefetch_factor >= 1, f"runtime.prefetch_factor must be >= 1; got {r.prefetch_factor}")
-    _require(r.feature_batch_size is None or r.feature_batch_size >= 1, f"runtime.feature_batch_size must be >= 1 or null; got {r.feature_batch_size}")
-    _require(r.distributed_timeout_minutes >= 1, f"runtime.distributed_timeout_minutes must be >= 1; got {r.distributed_timeout_minutes}")
+    _require(1 <= r.prefetch_factor <= MAX_PREFETCH_FACTOR, f"runtime.prefetch_factor must be in 1..{MAX_PREFETCH_FACTOR}; got {r.prefetch_factor}")
+    _require(r.feature_batch_size is None or 1 <= r.feature_batch_size <= MAX_BATCH_SIZE,
+             f"runtime.feature_batch_size must be in 1..{MAX_BATCH_SIZE} or null; got {r.feature_batch_size}")
+    _require(1 <= r.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES,
+             f"runtime.distributed_timeout_minutes must be in 1..{MAX_TIMEOUT_MINUTES}; got {r.distributed_timeout_minutes}")
 
 
 def validate_against_data(config: TrainConfig, num_train_classes: int, num_backbone_blocks: int | None,

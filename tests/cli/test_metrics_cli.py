@@ -91,3 +91,62 @@ def test_plot_writes_a_png(arrays, capsys, tmp_path):
 def test_plot_needs_png_or_pdf(arrays, capsys, tmp_path):
     code, _, err = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", arrays["l"], "--plot", tmp_path / "r.gif")
     assert code == 2 and ".png or .pdf" in err
+
+
+def _metrics_subprocess(tmp_path, embeddings, labels, *extra):
+    """`dcml metrics` in its own process: these inputs used to kill it with a signal (SIGFPE, abort)."""
+    import os
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", embeddings)
+    np.save(tmp_path / "y.npy", labels)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the dcml this test imports
+    return subprocess.run([sys.executable, "-m", "dcml", "metrics", "--embeddings", str(tmp_path / "x.npy"),
+                           "--labels", str(tmp_path / "y.npy"), *extra], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("extra", [[], ["--no-nmi"]], ids=["nmi", "no-nmi"])
+def test_zero_width_embeddings_are_one_line_not_a_signal(tmp_path, extra):
+    done = _metrics_subprocess(tmp_path, np.zeros((10, 0), np.float32), np.repeat(np.arange(5), 2), "--ks", "1", *extra)
+    assert done.returncode == 2 and done.stderr.startswith("dcml: error:") and done.stderr.count("\n") == 1
+    assert "at least one dimension" in done.stderr
+
+
+def test_values_near_float32_max_give_the_unit_scale_metrics(tmp_path, arrays):
+    x, labels = np.load(arrays["e"]), np.load(arrays["l"])
+    huge = np.ldexp(x, 128 - int(np.frexp(np.abs(x).max())[1]))  # exact; the largest |value| is in [1.7e38, 3.4e38)
+    assert np.isfinite(huge).all() and np.abs(huge).max() > 1.7e38
+    done = _metrics_subprocess(tmp_path, huge, labels, "--json")
+    assert done.returncode == 0, done.stderr
+    expected = _metrics_subprocess(tmp_path, x, labels, "--json")
+    assert json.loads(done.stdout) == json.loads(expected.stdout)
+
+
+@pytest.mark.parametrize("what", ["unique-labels", "one-group"])
+def test_no_query_with_a_positive_is_one_line(arrays, capsys, tmp_path, what):
+    extra = []
+    labels = arrays["l"]
+    if what == "unique-labels":
+        labels = tmp_path / "unique.npy"
+        np.save(labels, np.arange(50))
+    else:
+        np.save(tmp_path / "one.npy", np.zeros(50, np.int64))
+        extra = ["--groups", tmp_path / "one.npy"]
+    for flags in (["--json"], ["--no-nmi"]):
+        code, out, err = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", labels, *extra, *flags)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "no query has a positive reference" in err
+
+
+def test_a_query_mask_without_gallery_rows(arrays, capsys, tmp_path):
+    np.save(tmp_path / "all.npy", np.ones(50, bool))
+    code, _, err = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", arrays["l"], "--query-mask", tmp_path / "all.npy")
+    assert code == 2 and "leaves no gallery" in err
+
+
+def test_excluded_queries_are_mentioned(arrays, capsys, tmp_path):
+    labels = np.load(arrays["l"]).copy()
+    labels[0] = 99  # one row alone in its class
+    np.save(tmp_path / "lonely.npy", labels)
+    code, out, _ = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", tmp_path / "lonely.npy", "--no-nmi")
+    assert code == 0 and "1 queries without a positive reference are left out" in out

@@ -96,7 +96,10 @@ def test_zero_shot_cli_on_a_folder_dataset(tmp_path, capsys):
     assert {"recall@1", "map@r", "nmi"} <= set(saved["metrics"]["leave_one_out"])
 
 
-def test_zero_shot_bad_batch_size_is_a_usage_error(capsys):
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "100000"), ("--image-size", "4096"),
+                                         ("--image-size", "8"), ("--workers", "-1"), ("--seed", "-1"), ("--seed", str(2**31))])
+def test_zero_shot_out_of_range_numbers_are_usage_errors(capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
-        main(["zero-shot", "--batch-size", "0"])
-    assert exit_info.value.code == 2 and "positive integer" in capsys.readouterr().err
+        main(["zero-shot", flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}: expected" in err and ".." in err

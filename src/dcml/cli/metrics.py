@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from dcml.backends import DEFAULT_KMEANS_SEED
+from dcml.cli.arguments import seed_int
 from dcml.errors import UserError
 
 DEFAULT_KS = "1,2,4,8"
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--ks", default=DEFAULT_KS, help="comma-separated K values for Recall@K (default: %(default)s)")
     parser.add_argument("--no-nmi", action="store_true", help="skip NMI (its k-means is the slowest part)")
     parser.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"), help="k-means backend for NMI")
-    parser.add_argument("--seed", type=int, default=DEFAULT_KMEANS_SEED, help="k-means seed for NMI (default: %(default)s, faiss's own)")
+    parser.add_argument("--seed", type=seed_int, default=DEFAULT_KMEANS_SEED, help="k-means seed for NMI (default: %(default)s, faiss's own)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", type=Path, default=None, help="also draw the Recall@K curve for K = 1..max(--ks) (.png or .pdf)")
     parser.set_defaults(handler=_run)
@@ -62,7 +62,8 @@ def load_array(path: Path, what: str) -> np.ndarray:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dcml.evaluation.metrics import NMI, evaluate_with_ranks, recall_curve
+    from dcml.evaluation.metrics import NMI, NUM_EXCLUDED, NUM_QUERIES, evaluate_with_ranks, nmi, recall_curve
+    from dcml.io import json_text
 
     ks = parse_ks(args.ks)
     embeddings = load_array(args.embeddings, "embeddings")
@@ -77,10 +78,14 @@ def _run(args: argparse.Namespace) -> int:
         ks=ks,
         query_mask=query_mask,
         groups=groups,
-        with_nmi=not args.no_nmi,
-        backend=args.backend,
-        seed=args.seed,
+        with_nmi=False,  # after the check below: no k-means for a report that cannot be made
     )
+    if result[NUM_QUERIES] == 0:
+        # Every retrieval metric averages over queries with a positive; with none they have no value.
+        raise UserError("no query has a positive reference (a row of its class it may retrieve: labels all "
+                        "distinct, or --query-mask / --groups leave none), so Recall@K and MAP@R are undefined")
+    if not args.no_nmi:
+        result[NMI] = nmi(embeddings, labels, backend=args.backend, seed=args.seed)
     protocol = "query vs gallery" if query_mask is not None else "leave-one-out"
     if groups is not None:
         protocol += ", excluding the query's own group"
@@ -89,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 
         plot_recall_curves({protocol: recall_curve(ranks)}, args.plot, title=f"Recall@K: {args.embeddings.name}")
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))
         return 0
     print(f"{len(labels)} rows, {len(np.unique(labels))} classes, {protocol}")
     for key, value in result.items():
@@ -97,4 +102,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {key:<22} {shown}")
     if NMI not in result:
         print("  (NMI skipped)")
+    if result[NUM_EXCLUDED]:
+        print(f"  ({result[NUM_EXCLUDED]} queries without a positive reference are left out of the retrieval metrics)")
     return 0

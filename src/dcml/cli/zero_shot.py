@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from dcml.backends import DEFAULT_KMEANS_SEED
-from dcml.cli.arguments import non_negative_int, positive_int
+from dcml.cli.arguments import batch_size_int, image_size_int, seed_int, workers_int
 from dcml.cli.embed import DEFAULT_BACKBONE
 
 
@@ -25,10 +24,10 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default=None, help="evaluate this split instead of the protocol's test data")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="backbone name (default: %(default)s)")
     parser.add_argument("--weights", type=Path, default=None, help="load backbone weights from this file")
-    parser.add_argument("--image-size", type=positive_int, default=None, help="test resolution (default: the backbone's)")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--seed", type=int, default=DEFAULT_KMEANS_SEED, help="seed of NMI's k-means and VehicleID's galleries (default: %(default)s)")
+    parser.add_argument("--image-size", type=image_size_int, default=None, help="test resolution (default: the backbone's)")
+    parser.add_argument("--batch-size", type=batch_size_int, default=64)
+    parser.add_argument("--workers", type=workers_int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--seed", type=seed_int, default=DEFAULT_KMEANS_SEED, help="seed of NMI's k-means and VehicleID's galleries (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.set_defaults(handler=_run)
@@ -38,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     from dcml.data import load_dataset
     from dcml.embedding import extract_embeddings
     from dcml.evaluation.runner import evaluate_dataset, format_table
-    from dcml.io import save_json_atomically
+    from dcml.io import json_text, save_json_atomically
     from dcml.models.backbones import create_backbone
 
     start = time.perf_counter()
@@ -57,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out is not None:
         save_json_atomically(args.out, payload)
     if args.json:
-        print(json.dumps(payload))
+        print(json_text(payload))
         return 0
     split_names = args.split or "+".join(dataset.evaluation.splits)
     print(f"zero-shot {args.backbone} ({size} px) on {dataset.name} {split_names} ({seconds:.0f} s); metrics in %")

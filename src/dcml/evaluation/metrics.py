@@ -32,11 +32,41 @@ def recall_key(k: int) -> str:
     return f"recall@{k}"
 
 
+def score_keys(ks: tuple[int, ...], with_nmi: bool) -> tuple[str, ...]:
+    """The score keys (higher is better) :func:`evaluate_embeddings` returns for these arguments,
+    in its order; the counts ``num_queries`` and ``num_excluded_queries`` come besides them."""
+    return (*(recall_key(k) for k in ks), PRECISION_AT_1, R_PRECISION, MAP_AT_R, *((NMI,) if with_nmi else ()))
+
+
+#: Largest |value| the engines get as given. Outside this window embeddings are rescaled by a power
+#: of two, which is exact and scales every distance by the same factor, so ranks and k-means do not
+#: change. Above it, squared distances (up to 4 x dims x max^2) could overflow float32: values near
+#: 3e38 abort faiss and turn the rank engine's scores into inf. Below it, squared distances fall
+#: into float32's subnormal range, where scores lose their precision and the engine's tie tolerance
+#: (a multiple of the squared norms) underflows to zero, so near-ties would be misordered.
+SAFE_MAGNITUDE = (2.0**-16, 2.0**16)
+
+
+def _rescaled(embeddings: np.ndarray) -> np.ndarray:
+    """``embeddings`` times a power of two that brings the largest |value| into [0.5, 1), if needed."""
+    peak = max(embeddings.max(), -embeddings.min())  # in the input's dtype: a longdouble may exceed float64
+    magnitude = float(peak)  # inf for such a longdouble, which is rescaled like any large value
+    if magnitude == 0.0 or SAFE_MAGNITUDE[0] <= magnitude <= SAFE_MAGNITUDE[1]:
+        return embeddings
+    return np.ldexp(embeddings, -int(np.frexp(peak)[1]))  # ldexp is exact wherever the result is representable
+
+
 def _validate(embeddings: np.ndarray, labels: np.ndarray, name: str = "embeddings") -> tuple[np.ndarray, np.ndarray]:
+    """The checked arrays as the engines take them: float32 embeddings of a safe magnitude, int64 labels."""
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
     if embeddings.ndim != 2:
         raise UserError(f"{name} must be a 2-D array (rows x dims), got shape {embeddings.shape}")
+    if embeddings.shape[1] == 0:
+        # Zero-width vectors are all at distance 0: every rank would be a tie (faiss divides by the width).
+        raise UserError(f"{name} must have at least one dimension, got shape {embeddings.shape}")
+    if len(embeddings) < 2:
+        raise UserError(f"{name} need at least 2 rows (a query and a reference), got shape {embeddings.shape}")
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise UserError(f"{name} must hold floating-point numbers, got dtype {embeddings.dtype}")
     if labels.ndim != 1 or len(labels) != len(embeddings):
@@ -46,7 +76,8 @@ def _validate(embeddings: np.ndarray, labels: np.ndarray, name: str = "embedding
     if not np.isfinite(embeddings).all():
         bad = int(np.flatnonzero(~np.isfinite(embeddings).all(1))[0])
         raise UserError(f"{name} contain NaN or infinite values (first at row {bad})")
-    return embeddings.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
+    # Rescaled before the float32 cast, so float64 values beyond float32's range survive it.
+    return _rescaled(embeddings).astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
 
 
 def summarize_ranks(ranks: PositiveRanks, ks: tuple[int, ...]) -> dict[str, float | int]:
@@ -108,6 +139,8 @@ def retrieval_ranks(
     gallery = ~query_mask
     if not query_mask.any():
         raise UserError("query mask selects no queries")
+    if not gallery.any():
+        raise UserError("query mask leaves no gallery: every row is a query (False marks the rows to search)")
     if max_k > int(gallery.sum()):
         raise UserError(f"K={max_k} is larger than the reference set ({int(gallery.sum())} non-query rows)")
     return positive_ranks(

@@ -177,8 +177,15 @@ class _Problem:
         n_q, n_r = len(self.q), len(self.r)
         self.self_index = np.full(n_q, -1, np.int64) if query_self_index is None else np.asarray(query_self_index, np.int64)
         self.use_groups = query_groups is not None and reference_groups is not None
-        self.q_groups = np.asarray(query_groups, np.int64) if self.use_groups else np.full(n_q, NO_GROUP, np.int64)
-        self.r_groups = np.asarray(reference_groups, np.int64) if self.use_groups else np.full(n_r, NO_GROUP - 1, np.int64)
+        if self.use_groups:
+            # Relabelled 0..G-1: the kernels read NO_GROUP (-1) as "exclude nothing", so a caller's
+            # own group -1 would otherwise silently retrieve its own members.
+            _, ids = np.unique(np.concatenate([np.asarray(query_groups).ravel(), np.asarray(reference_groups).ravel()]),
+                               return_inverse=True)
+            ids = ids.reshape(-1).astype(np.int64)
+            self.q_groups, self.r_groups = ids[:n_q], ids[n_q:]
+        else:
+            self.q_groups, self.r_groups = np.full(n_q, NO_GROUP, np.int64), np.full(n_r, NO_GROUP - 1, np.int64)
         self.r_sqnorm = (self.r.astype(np.float64) ** 2).sum(1).astype(np.float32)
         self.q_torch = torch.from_numpy(self.q)
         self.r_columns = torch.from_numpy(self.r).T.contiguous()  # (dims x refs): the fastest mm layout here

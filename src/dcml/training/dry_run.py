@@ -33,12 +33,12 @@ def dry_run_report(config: TrainConfig) -> str:
     device = resolve_device(config.device)
     autocast_for(config.runtime.precision, device)  # bf16 needs CUDA
     check_distributed(config, launched_by_torchrun())
-    train, val = dataset.split("train"), dataset.split("val")
+    train = dataset.split("train")
     num_train_classes = len(np.unique(train.labels))
     protocol = dataset.evaluation.protocol.value
     blocks = backbone_blocks(config.model.backbone)
     validate_against_data(config, num_train_classes, blocks, protocol)
-    check_selection_metric(config, val)
+    check_selection_metric(config, dataset)
     create_configured_loss(config, num_train_classes)
     weights = weights_status(config)
     plans = plan_schedule(config)
