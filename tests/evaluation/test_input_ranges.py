@@ -85,3 +85,10 @@ def test_score_keys_are_the_keys_evaluate_embeddings_returns(data, with_nmi):
     x, labels = data
     result = evaluate_embeddings(x, labels, ks=(1, 3, 7), with_nmi=with_nmi)
     assert tuple(k for k in result if not k.startswith("num_")) == score_keys((1, 3, 7), with_nmi)
+
+
+@pytest.mark.parametrize("iterations", [0, 2**40, 2.5])
+def test_nmi_iterations_have_a_range(data, iterations):
+    x, labels = data
+    with pytest.raises(UserError, match="iterations must be an integer in 1.."):
+        evaluate_embeddings(x, labels, kmeans_iterations=iterations)

@@ -221,6 +221,10 @@ def nmi(
     seed: int = DEFAULT_KMEANS_SEED,
 ) -> float:
     """k-means with as many clusters as classes, scored by NMI against the labels."""
+    from dcml.config import MAX_KMEANS_ITERATIONS  # faiss takes the iteration count as a C int
+
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or not 1 <= iterations <= MAX_KMEANS_ITERATIONS:
+        raise UserError(f"NMI's k-means iterations must be an integer in 1..{MAX_KMEANS_ITERATIONS}, got {iterations!r}")
     embeddings, labels = _validate(embeddings, labels)
     num_classes = int(np.unique(labels).size)
     if num_classes < 2:
