@@ -8,13 +8,12 @@ protocols (leave-one-out and cross-vendor).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from dcml.config import load_config
 from dcml.errors import UserError
-from dcml.io import write_atomically
+from dcml.io import json_text, write_atomically
 
 PROTOCOLS = ("cross_vendor", "leave_one_out")
 #: What a demo writes in its folder (besides one run folder per model, see RUN_NAMES).
@@ -94,7 +93,7 @@ def run_demo(out: Path, *, quick: bool = False, learners: int = DEFAULT_DNC_LEAR
         "runs": runs,
     }
     markdown = results_markdown(payload)
-    text = json.dumps(payload, indent=2).encode()
+    text = json_text(payload, indent=2).encode()
     write_atomically({out / "results.json": lambda s: s.write(text), out / "results.md": lambda s: s.write(markdown.encode())})
     from dcml.plots import plot_training_curves
 

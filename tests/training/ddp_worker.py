@@ -79,8 +79,8 @@ def pooled_bank(out: Path, root: Path) -> None:
         plan = trainer.plans[0]
         trainer.recluster(plan)
         trainer.train_epoch(plan)
-        visits = trainer._feature_bank_visits.copy()
-        pooled = trainer._combined_bank(trainer._feature_bank, visits)
+        visits = trainer.feature_bank.visits.copy()
+        pooled = trainer.feature_bank.pooled(dist).features
         fresh = trainer.embed(trainer.train_split, "backbone")
         torch.save({"visits": torch.from_numpy(visits), "pooled": torch.from_numpy(pooled), "fresh": torch.from_numpy(fresh)},
                    out / f"bank{dist.rank}.pt")

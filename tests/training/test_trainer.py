@@ -161,9 +161,9 @@ def test_reused_training_features_equal_a_fresh_pass_when_weights_do_not_move(ti
         if plan.recluster:
             trainer.recluster(plan)
         trainer.train_epoch(plan)
-    bank = trainer._feature_bank.copy()
-    assert trainer._feature_bank_epoch == 1 and np.isnan(bank[:, 0]).any()  # P x M sampling skips some images
-    reused = trainer._cluster_features(trainer.plans[2])
+    bank = trainer.feature_bank.features.copy()
+    assert trainer.feature_bank.epoch == 1 and np.isnan(bank[:, 0]).any()  # P x M sampling skips some images
+    reused = trainer.cluster_features(trainer.plans[2])
     fresh = trainer.embed(trainer.train_split, "backbone")
     np.testing.assert_allclose(reused, fresh, atol=1e-5)
     visited = ~np.isnan(bank[:, 0])
@@ -176,7 +176,7 @@ def test_resume_is_exact_with_reused_training_features(tiny_folder, tmp_path, mo
     _, uninterrupted = _train(config, tmp_path / "full")
     # Epoch 2 comes before a re-clustering: its training-pass features must be in the checkpoint.
     resumed = _killed_then_resumed(config, tmp_path / "cut", monkeypatch, after_epochs=2)
-    assert resumed._feature_bank_epoch == 1 and not np.isnan(resumed._feature_bank).all()
+    assert resumed.feature_bank.epoch == 1 and not np.isnan(resumed.feature_bank.features).all()
     assert resumed.fit()["test"] == uninterrupted["test"]
 
 

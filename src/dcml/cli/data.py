@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from dcml.io import json_text
 
 
 def register(subparsers) -> None:
@@ -54,7 +55,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         # ensure_ascii: pure ASCII output is valid JSON whatever the output encoding (a stream that
         # escapes what it cannot encode would otherwise write \xNN, which JSON does not allow).
-        print(json.dumps(info, indent=2, ensure_ascii=True))
+        print(json_text(info, indent=2))  # json_text keeps ensure_ascii on and writes null for NaN
         return 0
     print(f"{info['name']} at {info['root']}: {info['classes']} classes, {info['images']} images")
     for split_name, counts in info["splits"].items():

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dcml.cli.arguments import positive_int
+from dcml.cli.arguments import positive_int, seed_int
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budget for smoke use (under 3 minutes on two cores)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     parser.add_argument("--learners", type=positive_int, default=4, help="K for divide and conquer (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of both runs (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of both runs, e.g. --set clustering.unit=class")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from dcml.cli.arguments import positive_int
+from dcml.cli.arguments import positive_int, seed_int
 from dcml.errors import UserError
 from dcml.training.quick import QUICK_OVERRIDES  # shared with dcml demo
 from dcml.training.run_files import check_run_folder
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
                        help="backbone state dict file (sets model.weights), e.g. ResNet-50 ImageNet weights on an offline machine")
     train.add_argument("--learners", type=positive_int, default=None, help="K, the number of learners (sets clustering.learners)")
     train.add_argument("--epochs", type=positive_int, default=None, help="sets schedule.epochs")
-    train.add_argument("--seed", type=int, default=None, help="sets seed")
+    train.add_argument("--seed", type=seed_int, default=None, help="sets seed")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. --set clustering.unit=class (repeatable)")
     train.add_argument("--quick", action="store_true", help="a tiny budget for smoke tests (about a minute on a CPU)")

@@ -201,3 +201,34 @@ class CachedInputs:
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
             yield (source[start : start + len(chunk)] if indices is None else source[chunk]), chunk
+
+
+def input_cache_key(config) -> tuple:
+    """Runs with equal keys feed the same frozen units the same images: their cached outputs can be shared."""
+    d, m = config.data, config.model
+    return (d.dataset, d.root, d.image_size, m.backbone, m.pretrained, m.weights, m.trainable_blocks)
+
+
+def build_inputs(config, model, device: torch.device, *, shared: dict | None = None, progress: bool = True, autocast=None):
+    """The trainer's inputs for ``config``: decoded images, or the frozen units' cached output
+    (``data.cache_frozen_features``), shared between runs through ``shared`` when their key matches."""
+    d, r = config.data, config.runtime
+    backbone = model.backbone
+    test_transform = backbone.test_transform(d.image_size)
+    loader = LoaderSettings(num_workers=d.num_workers, pin_memory=r.pin_memory and device.type == "cuda",
+                            persistent_workers=r.persistent_workers, prefetch_factor=r.prefetch_factor,
+                            max_image_pixels=d.max_image_pixels)
+    if not d.cache_frozen_features:
+        if d.train_augmentation == "none":
+            train_transform = test_transform
+        else:
+            train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
+        return ImageInputs(train_transform, test_transform, loader, d.eval_batch_size, device)
+    key = input_cache_key(config)
+    if shared is not None and key in shared:
+        return shared[key]
+    # The frozen units hold the same (pretrained) weights in every run that shares this key.
+    inputs = CachedInputs(model, test_transform, loader, d.eval_batch_size, device, progress, autocast)
+    if shared is not None:
+        shared[key] = inputs
+    return inputs

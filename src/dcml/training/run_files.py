@@ -33,3 +33,21 @@ def check_run_folder(out: Path, overwrite: bool) -> None:
         raise UserError(f"{existing[0]} already exists: {out} holds files of a run; {hint}choose another --out, "
                         "or pass --overwrite to replace them")
     clear_run_files(out)
+
+
+def write_config(out_dir: Path, config) -> None:
+    """``config.yaml``: the resolved settings of the run, as ``dcml train --preset`` reads them."""
+    import yaml
+
+    from dcml.io import write_atomically
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
+    write_atomically({Path(out_dir) / "config.yaml": lambda stream: stream.write(text)})
+
+
+def write_log(out_dir: Path, history: list[dict]) -> None:
+    """``log.jsonl``: one JSON line per finished epoch."""
+    from dcml.io import json_text, write_atomically
+
+    lines = "".join(json_text(record) + "\n" for record in history).encode()
+    write_atomically({Path(out_dir) / "log.jsonl": lambda stream: stream.write(lines)})
