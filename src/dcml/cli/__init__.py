@@ -13,7 +13,7 @@ from dcml import __version__
 from dcml.errors import UserError
 
 # Modules that define `register(subparsers)`; order is the order in `dcml --help`.
-_COMMAND_MODULES = ("data", "embed", "metrics", "zero_shot", "train", "demo", "index", "query", "calibrate", "dedup")
+_COMMAND_MODULES = ("data", "embed", "metrics", "zero_shot", "train", "demo", "index", "query", "calibrate", "dedup", "serve", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
