@@ -3,7 +3,7 @@
 # clone with the same dependency spec, so its editable install may point at another clone.
 SHELL := /bin/bash
 
-.PHONY: demo test bench bench-dnc bench-throughput env
+.PHONY: demo test bench bench-dnc bench-throughput bench-search env
 
 ## demo: build the emoji benchmark (npm, once), train K = 1 and divide and conquer, print the comparison
 demo:
@@ -28,3 +28,7 @@ bench-throughput:
 ## env: set up the environment only and print its path
 env:
 	@scripts/env.sh
+
+## bench-search: load_model vs trainer embedding speed, query latency, 1M x 128 vectors in every index kind (~10 min on 2 CPU cores)
+bench-search:
+	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/search.py

@@ -63,9 +63,9 @@ def _kind_arguments(parser) -> None:
     parser.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivf", "ivfpq"),
                         help="flat: exact (default); hnsw / ivf / ivfpq: approximate, faster on large collections")
     parser.add_argument("--m", type=positive_int, default=None, help="hnsw: neighbours per node (default 16)")
-    parser.add_argument("--ef-construction", type=positive_int, default=None, help="hnsw: build beam width (default 80)")
-    parser.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: search beam width (default 64)")
-    parser.add_argument("--nlist", type=positive_int, default=None, help="ivf/ivfpq: inverted lists (default ~4 sqrt(N))")
+    parser.add_argument("--ef-construction", type=positive_int, default=None, help="hnsw: build beam width (default 40)")
+    parser.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: search beam width (default 128)")
+    parser.add_argument("--nlist", type=positive_int, default=None, help="ivf/ivfpq: inverted lists (default ~sqrt(N))")
     parser.add_argument("--nprobe", type=positive_int, default=None, help="ivf/ivfpq: lists visited per query (default 16)")
     parser.add_argument("--pq-m", type=positive_int, default=None, help="ivfpq: sub-quantizers, divides the dimension (default D/4)")
     parser.add_argument("--pq-bits", type=positive_int, default=None, help="ivfpq: bits per code (default 8)")

@@ -35,7 +35,8 @@ def _thumbnail(path: str | Path | None, size: int) -> Image.Image:
         draw.line((0, 0, size, size), fill=GREY, width=2)
         draw.line((0, size, size, 0), fill=GREY, width=2)
         return tile
-    image.thumbnail((size, size))
+    scale = size / max(image.width, image.height)  # small images (emoji, tests) are enlarged too
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
     tile.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return tile
 

@@ -27,8 +27,8 @@ def default_parameters(kind: str, count: int, dimension: int) -> dict:
     if kind == "flat":
         return {}
     if kind == "hnsw":
-        return {"m": 16, "ef_construction": 80, "ef_search": 64}
-    nlist = max(1, min(int(round(4 * math.sqrt(count))), count // 39 or 1))
+        return {"m": 16, "ef_construction": 40, "ef_search": 128}
+    nlist = max(1, min(int(round(math.sqrt(count))), count // 39 or 1))
     params = {"nlist": nlist, "nprobe": min(nlist, 16)}
     if kind == "ivfpq":
         m = next(m for m in (dimension // 4, dimension // 2, dimension, 1) if m and dimension % m == 0)

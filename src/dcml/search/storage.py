@@ -109,9 +109,13 @@ def file_digest(path: Path) -> dict:
     return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
-def write_json(path: Path, payload) -> None:
-    """JSON with ``null`` for NaN / infinity (``allow_nan=False`` guards the rule), fsynced."""
-    text = json.dumps(_finite(payload), indent=1, allow_nan=False)
+def write_json(path: Path, payload, *, compact: bool = False) -> None:
+    """JSON with ``null`` for NaN / infinity (``allow_nan=False`` guards the rule), fsynced.
+
+    ``compact`` (large tables): no indentation, which keeps json on its C encoder; the indenting
+    encoder builds one Python string per token (~200 MB for a million paths)."""
+    text = json.dumps(_finite(payload), indent=None if compact else 1, separators=(",", ":") if compact else None,
+                      allow_nan=False)
     with open(path, "x") as stream:
         stream.write(text)
         stream.flush()
