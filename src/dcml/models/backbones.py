@@ -147,6 +147,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"weights file {path} not found")
     if not path.is_file():
         raise UserError(f"weights file {path} is not a file")
+    if path.suffix == ".safetensors":  # the format timm / Hugging Face weights come in: tensors only, no code
+        return _read_safetensors(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -174,6 +176,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not state:
         raise UserError(f"weights file {path} holds no tensors")
     return state
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise MissingDependencyError(f"reading {path} needs the package safetensors (pip install safetensors)") from None
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - a damaged header or data all mean "unreadable"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read weights file {path}: {reason}") from None
+    if not state:
+        raise UserError(f"weights file {path} holds no tensors")
+    return {_strip(str(k), "module."): v for k, v in state.items()}
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -240,6 +257,8 @@ def default_weights_path(name: str) -> Path | None:
 
     Raises :class:`~dcml.errors.MissingDependencyError` when that file is not available offline.
     """
+    if name not in _BACKBONES and name.startswith(TIMM_PREFIX):
+        _no_timm_weights(name)
     if name not in _BACKBONES:
         raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
     locate = _BACKBONES[name].default_weights
@@ -247,15 +266,20 @@ def default_weights_path(name: str) -> Path | None:
 
 
 def create_backbone(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
-    """Build backbone ``name``.
+    """Build backbone ``name`` (a registered name, or ``timm/MODEL`` for any timm model).
 
     ``weights=PATH`` loads that state dict (``pretrained`` is then irrelevant); otherwise
     ``pretrained=True`` loads the backbone's default (ImageNet) weights from disk, never the network,
     and ``pretrained=False`` leaves a random initialisation.
     """
-    if name not in _BACKBONES:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
-    spec = _BACKBONES[name]
+    if name not in _BACKBONES and name.startswith(TIMM_PREFIX):
+        spec = BackboneSpec(name=name, build=lambda pretrained: _timm_backbone(name[len(TIMM_PREFIX):], pretrained),
+                            description="a timm model")
+    elif name not in _BACKBONES:
+        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())} "
+                        f"(or {TIMM_PREFIX}MODEL for any timm model)")
+    else:
+        spec = _BACKBONES[name]
     if weights is not None:
         backbone = spec.build(False)
         backbone.load_weights(weights)
@@ -356,3 +380,59 @@ def _resnet18(pretrained: bool) -> Backbone:
                    default_weights=lambda: cached_torchvision_weights("resnet50"))
 def _resnet50(pretrained: bool) -> Backbone:
     return _torchvision_resnet("resnet50", pretrained)
+
+
+# ---------------------------------------------------------------------------- timm
+#: ``timm/MODEL`` builds any model of the timm library (random init; weights from --weights).
+TIMM_PREFIX = "timm/"
+
+
+def _timm_backbone(model_name: str, pretrained: bool) -> Backbone:
+    """A timm model without its classifier (``num_classes=0``: forward gives pooled features).
+
+    timm downloads weights from the Hugging Face hub, which dcml never does: ``pretrained`` needs
+    the file passed as ``--weights`` (``model.safetensors`` or a torch state dict). The units needed
+    by ``model.trainable_blocks`` are not defined for timm models (their heads pool in their own ways).
+    """
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependencyError("timm backbones need the package timm (pip install timm)") from None
+    known = timm.list_models()
+    if model_name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(model_name, known, n=1)
+        hint = f"; did you mean {TIMM_PREFIX}{close[0]}?" if close else ""
+        raise UserError(f"unknown timm model {model_name!r}{hint}")
+    options = {"dynamic_img_size": True} if model_name.startswith(("vit_", "deit_", "eva")) else {}
+    trunk = timm.create_model(model_name, pretrained=False, num_classes=0, **options)
+    config = trunk.pretrained_cfg
+    classifier = config.get("classifier") or "head"
+    classifiers = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+    backbone = Backbone(trunk, name=f"{TIMM_PREFIX}{model_name}", feature_dim=trunk.num_features,
+                        input_size=int(config.get("input_size", (3, 224, 224))[-1]),
+                        mean=tuple(config.get("mean", IMAGENET_MEAN)), std=tuple(config.get("std", IMAGENET_STD)),
+                        ignore_keys=tuple(f"{name}." for name in classifiers))
+    if pretrained:
+        _no_timm_weights(f"{TIMM_PREFIX}{model_name}")
+    return backbone
+
+
+def _no_timm_weights(name: str) -> Path:
+    raise MissingDependencyError(f"{name} has no ImageNet weights on this machine (dcml never downloads them): pass "
+                                 "--weights FILE (its model.safetensors or a torch state dict), or set model.pretrained=false")
+
+
+def _register_timm_examples() -> None:
+    """Small timm models of three families (convolutional, residual, transformer), registered so
+    that the backbone contract test runs over them; any other timm model works by name."""
+    for model_name, what in (("convnext_atto", "ConvNeXt-Atto (320-d)"), ("resnet18", "timm's ResNet-18 (512-d)"),
+                             ("vit_tiny_patch16_224", "ViT-Tiny/16 (192-d, any image size)")):
+        name = f"{TIMM_PREFIX}{model_name}"
+        register_backbone(name, f"{what} from timm; ImageNet weights only from --weights",
+                          default_weights=lambda name=name: _no_timm_weights(name))(
+            lambda pretrained, model_name=model_name: _timm_backbone(model_name, pretrained))
+
+
+_register_timm_examples()
