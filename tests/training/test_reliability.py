@@ -422,3 +422,21 @@ def test_demo_refuses_an_earlier_demo(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "best.pt already exists" in err and "--overwrite" in err
     assert (out / "dnc" / "best.pt").read_bytes() == b"an earlier demo's model"
+
+
+def test_tensorboard_gets_every_epochs_figures(tiny_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_folder, out, "--epochs", "2", "--set", "schedule.conquer_epoch=1")) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/all", "loss/learner_0", "loss/learner_1", "lr/backbone", "loss_parameters/beta_0", "clusters/images_0",
+            "val/leave_one_out/recall@1", "speed/images_per_second"} <= tags, tags
+    losses = [event.value for event in events.Scalars("loss/all")]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx([record["loss"] for record in log])
+    assert main(_train_args(tiny_folder, tmp_path / "quiet", "--epochs", "1", "--set", "schedule.conquer_epoch=null",
+                            "--no-tensorboard")) == 0
+    assert not (tmp_path / "quiet" / "tensorboard").exists()

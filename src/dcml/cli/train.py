@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                        "--out; other files there are left alone")
     train.add_argument("--dry-run", action="store_true", help="check the dataset and settings, print the plan, do not train")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                       help="also log every epoch's losses, learning rates, betas, cluster sizes and validation metrics "
+                       "to DIR/tensorboard (view with: tensorboard --logdir DIR; default: on)")
     train.set_defaults(handler=_train)
 
     evaluate = subparsers.add_parser(
@@ -203,6 +206,10 @@ def _run_training(args: argparse.Namespace, config, resume_payload, dist) -> int
             print(f"{out}: all {len(trainer.plans)} epochs are done; reporting the selected epoch")
     elif dist.is_main:
         write_config(out, config)
+    if args.tensorboard and dist.is_main:
+        from dcml.training.logger import TensorBoardLogger
+
+        trainer.loggers.append(TensorBoardLogger(out))
     try:
         result = trainer.fit()
     except TrainingStopped as stopped:
@@ -217,6 +224,9 @@ def _run_training(args: argparse.Namespace, config, resume_payload, dist) -> int
             print(f"dcml: interrupted after {done} finished epoch(s); continue with: dcml train --out {out} --resume",
                   file=sys.stderr)
         return 130
+    finally:
+        for logger in trainer.loggers:
+            logger.close()
     if dist.is_main:
         _print_result(result, trainer.dataset.evaluation.recall_ks, out)
     return 0

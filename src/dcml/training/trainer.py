@@ -50,11 +50,12 @@ def without_pretrained_weights(config: TrainConfig) -> TrainConfig:
 
 class Trainer:
     """One training run. ``shared_inputs`` lets several runs in one process reuse cached features;
-    ``load_pretrained=False`` skips the backbone's ImageNet weights (a checkpoint will replace them)."""
+    ``load_pretrained=False`` skips the backbone's ImageNet weights (a checkpoint will replace them);
+    ``loggers`` (:class:`~dcml.training.logger.RunLogger`) receive every finished epoch (rank 0 only)."""
 
     def __init__(self, config: TrainConfig, out_dir: Path | None, *, progress: bool = True, echo=None,
                  dataset: Dataset | None = None, shared_inputs: dict | None = None, distributed: Distributed = SINGLE,
-                 load_pretrained: bool = True):
+                 load_pretrained: bool = True, loggers: list | None = None):
         from dcml.models.embedding_model import build_model
         from dcml.training import preflight
         from dcml.training.forward import ForwardForPhase, TrainForward
@@ -104,6 +105,7 @@ class Trainer:
         self.clustering = None
         self.feature_bank: FeatureBank | None = None  # training-pass features kept for the next re-clustering
         self.stop = StopSignals()
+        self.loggers = list(loggers or []) if distributed.is_main else []
         self.start_epoch = 0
         self.resumed_progress: EpochProgress | None = None  # an epoch a resume continues in its middle
         self.best_score = -np.inf
@@ -401,6 +403,11 @@ class Trainer:
         from dcml.training.reporting import epoch_line
 
         self.echo(epoch_line(record, len(self.plans), self.config.evaluation.selection_metric))
+        if self.loggers:
+            rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
+            parameters = {name: parameter for name, parameter in self.loss.named_parameters() if parameter.requires_grad}
+            for logger in self.loggers:
+                logger.epoch(record, rates, parameters)
 
     def _select(self, plan: EpochPlan, rows: dict, record: dict) -> None:
         """Model selection on the validation score; the best epoch's weights go to ``best.pt``."""
