@@ -85,7 +85,7 @@ class TrainedModel:
 
     def __init__(self, model, config, *, active_learners: int, checkpoint: Path, sha256: str, device: torch.device,
                  batch_size: int, num_workers: int = 0, progress: bool = False):
-        from dcml.training.trainer import autocast_for
+        from dcml.training.device import autocast_for
 
         self.model = model
         self.config = config

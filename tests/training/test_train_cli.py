@@ -89,3 +89,15 @@ def test_ctrl_c_says_how_to_resume(tiny_folder, tmp_path, capsys, monkeypatch):
     assert main(_train_args(tiny_folder, tmp_path / "run")) == 130
     err = capsys.readouterr().err
     assert "interrupted after 0 finished epoch(s); continue with: dcml train --out" in err and "--resume" in err
+
+
+def test_evaluate_draws_the_worst_queries(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_folder, out, "--epochs", "1", "--set", "schedule.conquer_epoch=null")) == 0
+    grid = tmp_path / "worst.png"
+    assert main(["evaluate", str(out), "--grid", str(grid), "--no-progress"]) == 0
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--grid", str(grid), "--no-progress"]) == 2  # not replaced unasked
+    assert "already exists" in capsys.readouterr().err
+    assert main(["evaluate", str(out), "--grid", str(grid), "--overwrite", "--no-progress"]) == 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from dcml.io import json_text
 
 
 def _fraction(text: str) -> float:
@@ -84,7 +85,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_precision_recall(op, args.plot, report["thresholds"])
     if args.json:
-        print(json.dumps(report))
+        print(json_text(report))
         return 0
     print(f"calibrated on {source}: {report['images']} images, {report['matching_pairs']} matching / "
           f"{report['non_matching_pairs']} non-matching pairs (Euclidean distance, L2-normalised)")

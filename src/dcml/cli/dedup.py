@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from dcml.io import json_text
 
 
 def register(subparsers) -> None:
@@ -33,9 +34,10 @@ def _threshold(args, model):
 
     try:
         float(args.threshold)
-        return resolve_threshold(args.threshold, None)
     except ValueError:
-        pass
+        pass  # a calibrated name, resolved below
+    else:  # a distance: a bad one is refused here, before any calibration runs
+        return resolve_threshold(args.threshold, None)
     if args.calibration is not None:
         calibration = read_json(args.calibration.expanduser(), "calibration")
         if not isinstance(calibration, dict) or calibration.get("model_sha256") != model.sha256:
@@ -73,5 +75,5 @@ def _dedup(args: argparse.Namespace) -> int:
         save_json_atomically(args.out, groups)
         print(f"{len(groups)} groups of near-duplicates among {len(readable)} images (threshold {name} = {threshold:.4f}) -> {args.out}")
     else:
-        print(json.dumps(groups, indent=1))
+        print(json_text(groups, indent=1))
     return 0

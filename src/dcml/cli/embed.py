@@ -6,21 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcml.cli.arguments import non_negative_int, positive_int
+from dcml.cli.arguments import batch_size_int, image_size_int, workers_int
 
 DEFAULT_BACKBONE = "efficientnet_lite0"  # real ImageNet weights that ship with a pip package: works offline
-
-try:  # the configuration's bound on image sizes, where this dcml defines one
-    from dcml.config import MAX_IMAGE_SIZE
-except ImportError:  # pragma: no cover - older config module
-    MAX_IMAGE_SIZE = 4096  # far above any backbone's resolution; stops a typo from allocating gigabytes
-
-
-def image_size(text: str) -> int:
-    value = positive_int(text)
-    if value > MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_IMAGE_SIZE} pixels, got {value}")
-    return value
 
 
 def register(subparsers) -> None:
@@ -55,12 +43,12 @@ def register(subparsers) -> None:
     embed.add_argument("--weights", type=Path, default=None, metavar="PATH",
                        help="load the backbone's weights from this state dict instead of the default ImageNet ones "
                        "(a trained dcml checkpoint goes to --model)")
-    embed.add_argument("--image-size", type=image_size, default=None, metavar="N",
+    embed.add_argument("--image-size", type=image_size_int, default=None, metavar="N",
                        help="square input resolution: resize the short side to N*256/224, centre-crop N "
                        "(default: the backbone's, 224; with --model: the run's)")
-    embed.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
+    embed.add_argument("--batch-size", type=batch_size_int, default=None, metavar="B",
                        help="images per forward pass (default: 64; with --model: the run's feature-pass batch)")
-    embed.add_argument("--workers", type=non_negative_int, default=0, metavar="W", help="image-loading worker processes (default: %(default)s)")
+    embed.add_argument("--workers", type=workers_int, default=0, metavar="W", help="image-loading worker processes (default: %(default)s)")
     embed.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     embed.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                        help="L2-normalise each embedding (default: on)")

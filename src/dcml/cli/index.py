@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from dcml.cli.arguments import non_negative_int, positive_int
+from dcml.cli.arguments import batch_size_int, int_in_range, workers_int
+from dcml.io import json_text
 
 
 def register(subparsers) -> None:
@@ -62,13 +62,13 @@ def _source_arguments(parser) -> None:
 def _kind_arguments(parser) -> None:
     parser.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivf", "ivfpq"),
                         help="flat: exact (default); hnsw / ivf / ivfpq: approximate, faster on large collections")
-    parser.add_argument("--m", type=positive_int, default=None, help="hnsw: neighbours per node (default 16)")
-    parser.add_argument("--ef-construction", type=positive_int, default=None, help="hnsw: build beam width (default 40)")
-    parser.add_argument("--ef-search", type=positive_int, default=None, help="hnsw: search beam width (default 128)")
-    parser.add_argument("--nlist", type=positive_int, default=None, help="ivf/ivfpq: inverted lists (default ~sqrt(N))")
-    parser.add_argument("--nprobe", type=positive_int, default=None, help="ivf/ivfpq: lists visited per query (default 16)")
-    parser.add_argument("--pq-m", type=positive_int, default=None, help="ivfpq: sub-quantizers, divides the dimension (default D/4)")
-    parser.add_argument("--pq-bits", type=positive_int, default=None, help="ivfpq: bits per code (default 8)")
+    parser.add_argument("--m", type=int_in_range(2, 256, "hnsw neighbours in 2..256"), default=None, help="hnsw: neighbours per node (default 16)")
+    parser.add_argument("--ef-construction", type=int_in_range(1, 4096, "a beam width in 1..4096"), default=None, help="hnsw: build beam width (default 40)")
+    parser.add_argument("--ef-search", type=int_in_range(1, 4096, "a beam width in 1..4096"), default=None, help="hnsw: search beam width (default 128)")
+    parser.add_argument("--nlist", type=int_in_range(1, 1 << 20, "a number of lists in 1..1048576"), default=None, help="ivf/ivfpq: inverted lists (default ~sqrt(N))")
+    parser.add_argument("--nprobe", type=int_in_range(1, 1 << 20, "a number of lists in 1..1048576"), default=None, help="ivf/ivfpq: lists visited per query (default 16)")
+    parser.add_argument("--pq-m", type=int_in_range(1, 4096, "a number of sub-quantizers in 1..4096"), default=None, help="ivfpq: sub-quantizers, divides the dimension (default D/4)")
+    parser.add_argument("--pq-bits", type=int_in_range(1, 16, "bits per code in 1..16"), default=None, help="ivfpq: bits per code (default 8)")
 
 
 def kind_parameters(args: argparse.Namespace) -> dict:
@@ -85,8 +85,8 @@ def kind_parameters(args: argparse.Namespace) -> dict:
 
 def _embedding_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per forward pass (default: the run's)")
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="image-loading worker processes")
+    parser.add_argument("--batch-size", type=batch_size_int, default=None, help="images per forward pass (default: the run's)")
+    parser.add_argument("--workers", type=workers_int, default=0, help="image-loading worker processes")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr")
 
 
@@ -193,7 +193,7 @@ def _info(args: argparse.Namespace) -> int:
     index = Index.load(args.index)
     info = index.info()
     if args.json:
-        print(json.dumps(info))
+        print(json_text(info))
         return 0
     print(f"{info['path']}: {info['items']} items ({info['labelled_items']} labelled), {_describe(index)}")
     print(f"model: {info['model'].get('checkpoint')} (sha256 {str(info['model'].get('sha256'))[:12]}), "

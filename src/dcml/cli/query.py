@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from dcml.cli.arguments import positive_int
+from dcml.cli.arguments import int_in_range
+from dcml.io import json_text
+
+#: Results per query at most: beyond this a listing is a dump of the index, not a search.
+MAX_K = 10_000
 
 
 def register(subparsers) -> None:
@@ -21,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("index", type=Path, metavar="INDEX")
     parser.add_argument("images", type=Path, nargs="*", metavar="IMAGE", help="query image files")
     parser.add_argument("--embeddings", type=Path, default=None, metavar="Q.npy", help="query with these N x D embeddings")
-    parser.add_argument("-k", type=positive_int, default=10, help="results per query (default: %(default)s)")
+    parser.add_argument("-k", type=int_in_range(1, MAX_K, f"k in 1..{MAX_K}"), default=10, help="results per query (default: %(default)s)")
     parser.add_argument("--model", type=Path, default=None, metavar="RUN",
                         help="the index's model (default: the checkpoint its manifest names); checked by sha256")
     parser.add_argument("--threshold", default=None, metavar="T",
@@ -121,7 +124,7 @@ def _query(args: argparse.Namespace) -> int:
     if args.grid is not None:
         _draw(args.grid, records)
     if args.json:
-        print(json.dumps({"index": str(index.folder), "k": args.k, "distance": index.manifest.get("distance"),
+        print(json_text({"index": str(index.folder), "k": args.k, "distance": index.manifest.get("distance"),
                           "threshold": None if threshold is None else {"name": threshold[0], "distance": threshold[1]},
                           "queries": records}))
     else:

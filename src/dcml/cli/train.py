@@ -61,6 +61,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--split", default=None, help="evaluate this split instead of the protocol's test data (e.g. val)")
     evaluate.add_argument("--data-root", default=None, help="dataset folder, if it moved since training")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.add_argument("--grid", type=Path, default=None, metavar="PNG",
+                          help="also draw the queries with the lowest average precision and their top 5 (green: same "
+                          "class, red: not), on the evaluated split (leave-one-out within it)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -247,9 +251,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dcml.training import checkpoint as ckpt
     from dcml.training.trainer import Trainer
 
+    from dcml.io import refuse_to_overwrite
+
     path = args.checkpoint
     if path.is_dir():
         path = path / ckpt.BEST
+    if args.grid is not None:
+        if args.grid.suffix.lower() != ".png":
+            raise UserError(f"--grid must name a .png file, got {args.grid}")
+        refuse_to_overwrite([args.grid], args.overwrite, "retrieval grid")
     payload = ckpt.load_checkpoint(path)
     overrides = [f"data.root={json.dumps(str(args.data_root))}"] if args.data_root else []
     config = load_config(None, overrides, base=payload["config"])
@@ -262,6 +272,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                         "the file is damaged") from None
     trainer.active_learners = int(payload.get("active_learners", config.clustering.learners))
     rows = trainer.evaluate(args.split, with_nmi=True)
+    if args.grid is not None:
+        from dcml.search.grid import worst_queries_grid
+
+        split = trainer.dataset.split(args.split or trainer.dataset.evaluation.splits[0])
+        worst_queries_grid(args.grid, trainer.embed(split), split.labels, list(split.paths))
+        print(f"wrote {args.grid}: the lowest-AP queries of {split.name}", file=sys.stderr)
     # best.pt names its (0-based) epoch; last.pt the next epoch to run, i.e. the 1-based last one done.
     epoch = int(payload["epoch"]) + 1 if payload.get("epoch") is not None else payload.get("next_epoch")
     if args.json:
