@@ -1,8 +1,12 @@
 """Errors a user can cause. The CLI prints them on one line and exits with code 2."""
 
 
-class UserError(Exception):
-    """Bad input the user can fix (a wrong path, a malformed file, an invalid setting)."""
+class UserError(ValueError):
+    """Bad input the user can fix (a wrong path, a malformed file, an invalid setting).
+
+    A ``ValueError``: a library caller who guards a call with ``except ValueError`` (the usual
+    exception for a bad argument) catches these too.
+    """
 
     exit_code = 2
 

@@ -362,6 +362,8 @@ def _render_svg(path: Path) -> Image.Image:
                 ) from None
             png = cairosvg.svg2png(url=str(path), output_width=IMAGE_SIZE, output_height=IMAGE_SIZE)
         return Image.open(io.BytesIO(bytes(png)))
+    except UserError:  # the missing renderer, not a damaged file (a UserError is a ValueError too)
+        raise
     except (ValueError, OSError) as error:
         raise DatasetError(f"cannot render {path.name}: {error}") from None
 

@@ -72,6 +72,8 @@ def load_rgb(path: str | Path, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
             rgb = _to_rgb(image, path)
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
+    except DatasetError:  # already names the image (a DatasetError is a ValueError too)
+        raise
     # ValueError: a mode Pillow cannot convert to RGB, a tile table that does not fit the image, ...
     except (UnidentifiedImageError, OSError, SyntaxError, EOFError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from None

@@ -87,6 +87,8 @@ class Items:
             raise UserError(f"{source} is not a dcml items table")
         try:
             return cls(payload["paths"], payload.get("labels") or [], payload.get("groups") or [])
+        except UserError:  # the table's own, more precise complaint (a UserError is a ValueError too)
+            raise
         except (TypeError, ValueError):
             raise UserError(f"{source} is damaged: labels and groups must be integers or null") from None
 
