@@ -52,7 +52,8 @@ def run_over_batches(
     converted to float32 whatever it computes in. ``total`` (number of input rows) sizes the
     progress bar, shown on stderr when ``progress``.
 
-    Returns the rows as one float32 N x D array (``N x width`` when there were no batches), or, with
+    Returns the rows as one float32 N x D array (N x ... for feature maps; ``N x width`` when there
+    were no batches), or, with
     ``sink``, hands each batch's rows to it and returns the number of rows.
     """
     from tqdm import tqdm
@@ -74,7 +75,7 @@ def run_over_batches(
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast():
                     output = forward(inputs)
-                if output.ndim != 2 or output.shape[0] != inputs.shape[0]:
+                if output.ndim < 2 or output.shape[0] != inputs.shape[0]:  # rows, or per-input feature maps
                     raise RuntimeError(f"forward returned shape {tuple(output.shape)} for a batch of {inputs.shape[0]} inputs")
                 rows = output.float().cpu().numpy()
                 if sink is None:

@@ -167,25 +167,14 @@ class CachedInputs:
         return self.tensors[key]
 
     def _compute(self, split: Split) -> torch.Tensor:
-        from tqdm import tqdm
+        from dcml.embedding import run_over_batches
 
-        model = self._model
-        was_training = model.training
-        model.eval()
-        parts = []
-        try:
-            with torch.inference_mode(), tqdm(total=split.num_images, unit="img", desc=f"cache {split.name}",
-                                              disable=not self.progress, leave=False) as bar:
-                for batch, _ in self._images.eval_batches(split):
-                    batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
-                    with self._autocast():
-                        parts.append(model.frozen_forward(batch).float().cpu())
-                    bar.update(len(batch))
-        finally:
-            model.train(was_training)
-        if not parts:
+        if split.num_images == 0:
             raise DatasetError(f"split {split.name!r} has no images")
-        return torch.cat(parts).contiguous(memory_format=torch.channels_last)
+        maps = run_over_batches(self._images.eval_batches(split), self._model.frozen_forward, device=self.device,
+                                model=self._model, autocast=self._autocast, total=split.num_images,
+                                progress=self.progress, desc=f"cache {split.name}")
+        return torch.from_numpy(maps).contiguous(memory_format=torch.channels_last)
 
     def train_batches(self, split: Split, labels: np.ndarray, batch_sampler):
         source = self.tensor(split)
