@@ -10,7 +10,6 @@ import pytest
 from dcml.clustering import (
     Clustering,
     cluster_training_set,
-    hierarchical_schedule,
     match_clusters,
     split_clusters,
 )
@@ -227,10 +226,3 @@ def test_a_parent_too_small_to_split_is_repaired():
     children = split_clusters(features, labels, parents, backend="torch", iterations=10)
     np.testing.assert_array_equal(children.classes_per_cluster(), [2, 2, 2, 2])
 
-
-def test_hierarchical_schedule():
-    assert hierarchical_schedule(1) == [1]
-    assert hierarchical_schedule(32) == [1, 2, 4, 8, 16, 32]
-    for bad in (0, 3, 12, -4):
-        with pytest.raises(UserError, match="power-of-two"):
-            hierarchical_schedule(bad)

@@ -153,10 +153,6 @@ class TorchBackend:
 _BACKENDS = {"faiss": FaissBackend, "torch": TorchBackend}
 
 
-def available_backends() -> list[str]:
-    return list(_BACKENDS)
-
-
 def get_backend(name: str = "auto") -> SearchBackend:
     """``"faiss"``, ``"torch"`` or ``"auto"`` (faiss when it imports, else torch)."""
     if name == "auto":

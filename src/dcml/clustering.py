@@ -296,10 +296,3 @@ def split_clusters(
         centroids[2 * parent : 2 * parent + 2] = half_centroids
     return _finish(prepared, labels, children, centroids, num_children, min_classes_per_cluster, previous=None)
 
-
-def hierarchical_schedule(target_k: int) -> list[int]:
-    """Cluster counts of hierarchical division: 1, 2, 4, ..., ``target_k`` (a power of two)."""
-    is_integer = isinstance(target_k, (int, np.integer)) and not isinstance(target_k, bool)
-    if not is_integer or target_k < 1 or target_k & (target_k - 1):
-        raise UserError(f"hierarchical division needs a power-of-two number of clusters, got {target_k!r}")
-    return [1 << level for level in range(int(target_k).bit_length())]

@@ -145,12 +145,6 @@ class Distributed:
             raise UserError(value)
         return value
 
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 SINGLE = Distributed()
 
