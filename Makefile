@@ -25,6 +25,10 @@ bench-dnc:
 bench-throughput:
 	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/throughput.py
 
+## bench-serve: dcml serve vs in process at 1 / 8 / 32 clients, onnxruntime vs torch (~5 min on 2 CPU cores)
+bench-serve:
+	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/serve.py | tee benchmarks/results/serve_cpu.txt
+
 ## env: set up the environment only and print its path
 env:
 	@scripts/env.sh

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,18 +11,30 @@ from PIL import Image
 from dcml.cli import main
 
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_embed():
+    """The README's "onnxruntime, Pillow and numpy alone" function, run as printed there."""
+    text = README.read_text()
+    block = text.split("<!-- onnx-example -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = block.split("\nvectors = embed(", 1)[0]  # the definition, without the example call on made-up files
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - this repository's own README
+    return namespace["embed"]
+
+
 def _resized_batch(model, paths) -> np.ndarray:
-    """What the README tells ONNX users to do with Pillow and numpy alone (no torch, no dcml)."""
+    """What the README's function feeds the graph: Pillow resize + centre crop, [0, 1], N x 3 x S x S."""
     size = model.image_size
     short = round(size * 256 / 224)
     rows = []
     for path in paths:
         image = Image.open(path).convert("RGB")
         width, height = image.size
-        scale = short / min(width, height)
-        image = image.resize((max(short, int(width * scale)) if width >= height else short,
-                              short if width >= height else max(short, int(height * scale))), Image.Resampling.BILINEAR)
-        left, top = int(round((image.width - size) / 2)), int(round((image.height - size) / 2))
+        new = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+        image = image.resize(new, Image.Resampling.BILINEAR)
+        left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
         pixels = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
         rows.append(pixels.transpose(2, 0, 1))
     return np.stack(rows)
@@ -45,11 +59,17 @@ def test_onnx_export_matches_load_model_through_onnxruntime(serve_run, serve_fol
     metadata = session.get_modelmeta().custom_metadata_map
     assert metadata["image_size"] == str(model.image_size) and metadata["dcml_checkpoint_sha256"] == model.sha256
     onnx.checker.check_model(onnx.load(str(out)))
+    # The README's code, Pillow and onnxruntime alone, gives load_model's embedding of real files.
+    odd = Image.open(paths[0]).resize((37, 29))  # not square, not the crop size: resize and crop really run
+    odd.save(tmp_path / "odd.png")
+    from_readme = _readme_embed()([*paths, tmp_path / "odd.png"], str(out))
+    assert np.abs(from_readme - model.embed([*paths, tmp_path / "odd.png"])).max() < 1e-4
     # An existing file is never replaced unasked.
     assert main(["export", str(serve_run), "--format", "onnx", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_matches_load_model(serve_run, serve_folder, model, tmp_path, capsys):
     import torch
 
