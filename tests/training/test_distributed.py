@@ -96,5 +96,6 @@ def test_torchrun_training_writes_once_and_resumes(tiny_folder, tmp_path):
     assert [record["epoch"] for record in log] == [0, 1, 2]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 3
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["best.pt", "config.yaml", "last.pt", "log.jsonl", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["best.pt", "config.yaml", "last.pt", "log.jsonl",
+                                                                               "metrics.json", "tensorboard"]
     assert len(torch.load(out / "last.pt", weights_only=False)["rng_per_rank"]) == 2

@@ -167,9 +167,9 @@ def test_out_dot_keeps_a_users_config(tiny_folder, tmp_path, capsys, monkeypatch
 
 # ---------------------------------------------------------------------------- resume right or refused
 def _copy_run(source: Path, destination: Path) -> Path:
-    destination.mkdir()
-    for path in source.iterdir():
-        (destination / path.name).write_bytes(path.read_bytes())
+    import shutil
+
+    shutil.copytree(source, destination)
     return destination
 
 
