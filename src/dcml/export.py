@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from dcml.errors import MissingDependencyError, UserError
 from dcml.io import write_atomically
@@ -52,19 +51,7 @@ class ExportedEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         normalised = (images - self.mean) / self.std
         raw = self.model.head(self.model.features(normalised)).float()
-        return self.full_embedding(raw)
-
-    def full_embedding(self, raw: torch.Tensor) -> torch.Tensor:
-        """``EmbeddingHead.full_embedding`` without ``len(raw)``, which would fix the batch size in the graph.
-
-        The parity check against load_model (which runs the head's own method) guards the copy."""
-        from dcml.models.embedding_model import NORM_EPS
-
-        head = self.model.head
-        if head.masks is not None:
-            return F.normalize(raw, dim=1, eps=NORM_EPS)
-        slices = raw.unflatten(1, (self.active_learners, head.dim // self.active_learners))
-        return F.normalize(F.normalize(slices, dim=2, eps=NORM_EPS).flatten(1), dim=1, eps=NORM_EPS)
+        return self.model.head.full_embedding(raw, self.active_learners)
 
 
 @dataclass(frozen=True)

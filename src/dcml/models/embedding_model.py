@@ -56,8 +56,9 @@ class EmbeddingHead(nn.Module):
         if self.masks is not None:
             return F.normalize(raw, dim=1, eps=NORM_EPS)
         active = self.num_learners if active_learners is None else active_learners
-        slices = raw.reshape(len(raw), active, self.dim // active)
-        return F.normalize(F.normalize(slices, dim=2, eps=NORM_EPS).reshape(len(raw), self.dim), dim=1, eps=NORM_EPS)
+        # unflatten/flatten, not reshape(len(raw), ...): an exported graph keeps a free batch axis.
+        slices = raw.unflatten(1, (active, self.dim // active))
+        return F.normalize(F.normalize(slices, dim=2, eps=NORM_EPS).flatten(1), dim=1, eps=NORM_EPS)
 
     def mask_similarity(self) -> torch.Tensor:
         """Mean pairwise cosine similarity between the ReLU'd masks (TPAMI's regulariser; 0 for slices)."""
