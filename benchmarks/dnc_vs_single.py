@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dcml.config import load_config  # noqa: E402
+from dcml.evaluation.protocols import CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW  # noqa: E402
 from dcml.training.trainer import Trainer, prepare_dataset  # noqa: E402
 
 VARIANTS = {
@@ -93,11 +94,11 @@ def main() -> int:
             start = time.perf_counter()
             trainer = Trainer(config, None, progress=False, echo=lambda _: None, dataset=dataset, shared_inputs=shared)
             result = trainer.fit()
-            cross = result["test"]["cross_vendor"]
+            cross = result["test"][CROSS_GROUP_ROW]
             run = {
                 "variant": name, "seed": seed,
                 "cross_vendor_r1": cross["recall@1"], "cross_vendor_map_r": cross["map@r"],
-                "leave_one_out_r1": result["test"]["leave_one_out"]["recall@1"],
+                "leave_one_out_r1": result["test"][LEAVE_ONE_OUT_ROW]["recall@1"],
                 "selected_epoch": result["selected_epoch"], "val_score": result["selection_score"],
                 "train_images": sum(r["images"] for r in trainer.history),
                 "recluster_share": result["recluster_share"], "timings": result["timings"],

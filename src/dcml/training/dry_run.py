@@ -24,6 +24,7 @@ def dry_run_report(config: TrainConfig) -> str:
     import yaml
 
     from dcml.config import validate_against_data
+    from dcml.evaluation.protocols import protocol_of
     from dcml.training.schedule import describe_schedule, plan_schedule
     from dcml.training.distributed import launched_by_torchrun
     from dcml.training.preflight import check_distributed, check_selection_metric, create_configured_loss
@@ -35,9 +36,8 @@ def dry_run_report(config: TrainConfig) -> str:
     check_distributed(config, launched_by_torchrun())
     train = dataset.split("train")
     num_train_classes = len(np.unique(train.labels))
-    protocol = dataset.evaluation.protocol.value
     blocks = backbone_blocks(config.model.backbone)
-    validate_against_data(config, num_train_classes, blocks, protocol)
+    validate_against_data(config, num_train_classes, blocks, protocol_of(dataset.evaluation).name)
     check_selection_metric(config, dataset)
     create_configured_loss(config, num_train_classes)
     weights = weights_status(config)
@@ -101,6 +101,7 @@ def weights_status(config: TrainConfig) -> str:
 
 # ---------------------------------------------------------------------------- summary
 def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plans) -> list[str]:
+    from dcml.evaluation.protocols import protocol_of
     from dcml.training.schedule import CONQUER, DIVIDE, FINETUNE, compact_epochs
 
     c, s, m, d, sc = config.clustering, config.sampler, config.model, config.data, config.schedule
@@ -113,7 +114,7 @@ def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plan
                   else f"an epoch runs until the {s.epoch_length} cluster's pass over its {s.pass_unit} is done")
     trainable = "all" if m.trainable_blocks is None else f"the last {m.trainable_blocks}"
     lines = [
-        f"protocol: {spec.protocol.value} on {', '.join(spec.splits)}; Recall@K for K = {', '.join(map(str, spec.recall_ks))}",
+        f"protocol: {protocol_of(spec).name} on {', '.join(spec.splits)}; Recall@K for K = {', '.join(map(str, spec.recall_ks))}",
         f"selection: {config.evaluation.selection_metric} on the {val.num_classes} validation classes "
         f"({val.num_images} images), " + ("after every epoch" if config.evaluation.every == 1
                                            else f"every {config.evaluation.every} epochs and after the last"),

@@ -53,8 +53,9 @@ def check_selection_metric(config: TrainConfig, data: Dataset | Split) -> None:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else f"choose one of: {', '.join(known)}"
         raise UserError(f"{where} is not a validation score ({hint})")
-    if not _has_positive(val, cross_group=row == "cross_vendor"):
-        rule = "of its class in another group" if row == "cross_vendor" else "of its class"
+    cross_group = rows[row].excludes_own_group
+    if not _has_positive(val, cross_group=cross_group):
+        rule = "of its class in another group" if cross_group else "of its class"
         raise UserError(f"{where}: no validation query has a positive (another image {rule}), so the score is undefined; "
                         f"validation needs classes with at least two images")
 
