@@ -23,6 +23,7 @@ step time spent waiting for the next batch. On the CPU the configured pipeline i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -83,6 +84,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def with_batches_per_epoch(config, batches: int):
+    """A copy of the (frozen) configuration whose epochs run ``batches`` batches."""
+    return dataclasses.replace(config, sampler=dataclasses.replace(config.sampler, batches_per_epoch=batches))
+
+
 def run_configured(config, dataset: Dataset, warmup: int, steps: int) -> dict:
     """dcml's trainer step: one warm-up epoch of ``warmup`` batches, one timed epoch of ``steps``."""
     from dcml.clustering import cluster_training_set
@@ -94,9 +100,9 @@ def run_configured(config, dataset: Dataset, warmup: int, steps: int) -> dict:
     rng = np.random.default_rng(0)
     features = rng.normal(size=(len(trainer.train_labels), 16)).astype(np.float32)
     trainer.clustering = cluster_training_set(features, trainer.train_labels, plan.active_learners, iterations=5, seed=0)
-    trainer.config.sampler.batches_per_epoch = warmup
+    trainer.config = with_batches_per_epoch(trainer.config, warmup)
     trainer.train_epoch(plan)
-    trainer.config.sampler.batches_per_epoch = steps
+    trainer.config = with_batches_per_epoch(trainer.config, steps)
     synchronize(trainer.device)
     start = time.perf_counter()
     record = trainer.train_epoch(plan)  # reads the summed loss at the end: waits for the GPU
@@ -108,7 +114,7 @@ def run_configured(config, dataset: Dataset, warmup: int, steps: int) -> dict:
 
 def run_plain(config, dataset: Dataset, warmup: int, steps: int, device: torch.device) -> dict:
     """A plain float32 loop over the same images, model, batch size and loss."""
-    from dcml.losses import create_loss
+    from dcml.losses import build_loss
     from dcml.models.embedding_model import build_model
     from dcml.training.inputs import _EvalImages
 
@@ -120,8 +126,8 @@ def run_plain(config, dataset: Dataset, warmup: int, steps: int, device: torch.d
     images = _EvalImages(split, transform)
     batch = s.classes_per_batch * s.images_per_class
     loader = torch.utils.data.DataLoader(images, batch_size=batch, shuffle=True, num_workers=d.num_workers, drop_last=True)
-    loss_fn = create_loss("margin", num_learners=1, num_classes=SYNTHETIC_CLASSES, alpha=lo.alpha, beta=lo.beta, nu=lo.nu,
-                          beta_mode="fixed").to(device)
+    loss_fn = build_loss("margin", dataclasses.replace(lo.settings, beta_mode="fixed"), num_learners=1,
+                         num_classes=SYNTHETIC_CLASSES).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, weight_decay=1e-4)
     labels_all = torch.as_tensor(split.labels)
     iterator = iter(loader)

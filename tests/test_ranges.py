@@ -44,7 +44,8 @@ def test_integer_fields_have_an_upper_end(override, words):
 
 FLOAT_FIELDS = [
     "data.validation_fraction", "model.dropout", "model.mask_lr_multiplier", "model.mask_regularization",
-    "loss.alpha", "loss.beta", "loss.nu", "loss.triplet_margin", "optimizer.lr_backbone", "optimizer.lr_embedding",
+    "loss.settings.alpha", "loss.settings.beta", "loss.settings.nu", "loss.settings.cutoff",
+    "loss.settings.nonzero_loss_cutoff", "optimizer.lr_backbone", "optimizer.lr_embedding",
     "optimizer.lr_beta", "optimizer.weight_decay", "optimizer.mask_weight_decay_multiplier", "optimizer.lr_decay_factor",
 ]
 
@@ -56,17 +57,34 @@ def test_float_fields_refuse_nan_and_infinity(field, value):
         load_config("emoji", [f"{field}={value}"])
 
 
-def test_every_float_field_is_covered():
+def float_settings(settings, prefix: str = "") -> set[str]:
+    """``section.field`` of every float (or optional float) field, nested sections included."""
     import dataclasses
+    import typing
 
+    from dcml.losses import LossSettings
+
+    hints = typing.get_type_hints(type(settings), localns={"LossSettings": LossSettings})
+    found = set()
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if dataclasses.is_dataclass(value):
+            found |= float_settings(value, f"{prefix}{item.name}.")
+        elif hints[item.name] in (float, typing.Optional[float]):
+            found.add(f"{prefix}{item.name}")
+    return found
+
+
+def test_every_float_field_is_covered():
     from dcml.config import TrainConfig
 
-    config = TrainConfig()
-    floats = {f"{section.name}.{item.name}" for section in dataclasses.fields(config)
-              if dataclasses.is_dataclass(getattr(config, section.name))
-              for item in dataclasses.fields(getattr(config, section.name))
-              if isinstance(getattr(getattr(config, section.name), item.name), float)}
-    assert floats == set(FLOAT_FIELDS)
+    assert float_settings(TrainConfig()) == set(FLOAT_FIELDS)
+
+
+def test_the_settings_of_another_loss_refuse_nan():
+    """The finite-number check reaches the settings of whichever loss is chosen."""
+    with pytest.raises(UserError, match=r"^loss[.]settings[.]margin must be a finite number; got nan$"):
+        load_config("emoji", ["loss.name=triplet", "loss.settings.margin=nan"])
 
 
 def test_the_ends_of_the_ranges_are_accepted():
@@ -125,7 +143,7 @@ def test_metrics_seed_has_a_range(tmp_path, capsys, seed):
     assert f"argument --seed: expected a seed in 0..{MAX_SEED}" in err
 
 
-@pytest.mark.parametrize("flags", [["--seed", "-1"], ["--seed", "18446744073709551616"], ["--set", "loss.alpha=.inf"],
+@pytest.mark.parametrize("flags", [["--set", "seed=-1"], ["--set", "loss.settings.alpha=.inf"],
                                    ["--set", f"data.image_size={MAX_IMAGE_SIZE * 2}"], ["--epochs", "1000000"]])
 def test_train_dry_run_refuses_out_of_range_settings(tmp_path, capsys, flags):
     code = main(["train", "--preset", "emoji", "--dry-run", "--out", str(tmp_path / "run"), *flags])
@@ -133,10 +151,12 @@ def test_train_dry_run_refuses_out_of_range_settings(tmp_path, capsys, flags):
     assert code == 2 and err.startswith("dcml: error:") and err.count("\n") == 1
 
 
-def test_demo_refuses_an_out_of_range_seed(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--seed", "-3"]) == 2
-    assert "seed must be in 0.." in capsys.readouterr().err
-    assert not (tmp_path / "demo").exists()
+@pytest.mark.parametrize("command", [["train", "--preset", "emoji", "--dry-run"], ["demo"]])
+@pytest.mark.parametrize("seed", ["-1", "18446744073709551616"])
+def test_seed_flags_have_the_configurations_range(tmp_path, capsys, command, seed):
+    err = _usage_error(capsys, [*command, "--out", str(tmp_path / "out"), "--seed", seed])
+    assert f"argument --seed: expected a seed in 0..{MAX_SEED}" in err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- JSON output

@@ -136,8 +136,10 @@ def test_dataloader_round_trip():
 
 
 def test_bad_settings():
-    with pytest.raises(UserError, match="must be >= 1"):
-        sampler_for(classes_per_batch=0)
+    # The configuration's ranges: two classes (negatives) of two images (positives) at least.
+    for out_of_range in ({"classes_per_batch": 1}, {"images_per_class": 1}, {"classes_per_batch": 1025}):
+        with pytest.raises(UserError, match=r"must be in 2\.\.1024 and 2\.\.64"):
+            sampler_for(**out_of_range)
     with pytest.raises(ValueError, match="rank"):
         sampler_for(num_replicas=2, rank=2)
     labels, clustering = make_clustering([[2, 2], [1]])

@@ -4,6 +4,14 @@ Every switch of the method is a named field here (the original code hid its sche
 such as ``epoch * 8/19``). A preset is a YAML file with the same nesting as :class:`TrainConfig`;
 ``--set section.field=value`` overrides one field (the value is parsed as YAML). Every problem is
 reported as a one-line :class:`~dcml.errors.UserError` naming the field and what is allowed.
+
+Each section is a frozen dataclass: a field's default is its one default, the section's
+``validate()`` sits right below its fields, and a loaded configuration cannot be changed
+afterwards (``dataclasses.replace`` makes a changed copy). The loss section names a registered
+loss and holds that loss's own settings dataclass (``loss: {name: margin, settings: {alpha: 0.2}}``),
+declared beside the loss in :mod:`dcml.losses`; the allowed ``evaluation.protocol`` values are the
+protocols of :mod:`dcml.evaluation.protocols`. Both are imported only when a configuration is built,
+so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -15,11 +23,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import yaml
 
-from dcml.errors import UserError
+from dcml.errors import UserError, require
+
+if TYPE_CHECKING:
+    from dcml.losses.base import LossSettings
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -47,9 +58,14 @@ MAX_PREFETCH_FACTOR = 128
 MAX_EMBEDDING_DIM = 65_536
 #: torch.distributed's timeout: one week is longer than any evaluation a rank waits for.
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60
+#: A batch needs two classes (for negatives) and two images of a class (for positives); the upper
+#: ends bound one batch's memory. The sampler refuses what the configuration refuses.
+MIN_CLASSES_PER_BATCH, MAX_CLASSES_PER_BATCH = 2, 1024
+MIN_IMAGES_PER_CLASS, MAX_IMAGES_PER_CLASS = 2, 64
+MAX_BATCH_IMAGES = 4096
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = "emoji"
     root: Optional[str] = None  # dataset folder; emoji: the cache dir (None: the default cache)
@@ -68,8 +84,20 @@ class DataConfig:
     # pixels. Default: dcml.data.images.DEFAULT_MAX_IMAGE_PIXELS (Pillow's own limit, ~9459 x 9459).
     max_image_pixels: int = 89_478_485
 
+    def validate(self) -> None:
+        require(16 <= self.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be in 16..{MAX_IMAGE_SIZE} pixels; got {self.image_size}")
+        require(0 <= self.num_workers <= MAX_WORKERS, f"data.num_workers must be in 0..{MAX_WORKERS}; got {self.num_workers}")
+        require(1 <= self.eval_batch_size <= MAX_BATCH_SIZE,
+                f"data.eval_batch_size must be in 1..{MAX_BATCH_SIZE}; got {self.eval_batch_size}")
+        require(0 < self.validation_fraction < 1, f"data.validation_fraction must be between 0 and 1; got {self.validation_fraction}")
+        require(self.max_image_pixels >= 1,
+                f"data.max_image_pixels must be a positive number of pixels (width x height); got {self.max_image_pixels}")
+        if self.cache_frozen_features:
+            require(self.train_augmentation == "none",
+                    "data.cache_frozen_features needs data.train_augmentation=none (random crops change the frozen part's input)")
 
-@dataclass
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "resnet50"
     pretrained: bool = True
@@ -83,8 +111,17 @@ class ModelConfig:
     mask_lr_multiplier: float = 100.0
     mask_regularization: float = 0.01  # lambda x mean pairwise cosine similarity of the ReLU'd masks
 
+    def validate(self) -> None:
+        require(self.trainable_blocks is None or self.trainable_blocks >= 0,
+                f"model.trainable_blocks must be >= 0 or null; got {self.trainable_blocks}")
+        require(1 <= self.embedding_dim <= MAX_EMBEDDING_DIM,
+                f"model.embedding_dim must be in 1..{MAX_EMBEDDING_DIM}; got {self.embedding_dim}")
+        require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1); got {self.dropout}")
+        require(self.mask_lr_multiplier > 0, f"model.mask_lr_multiplier must be > 0; got {self.mask_lr_multiplier}")
+        require(self.mask_regularization >= 0, f"model.mask_regularization must be >= 0; got {self.mask_regularization}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class ClusteringConfig:
     learners: int = 4  # K
     space: Literal["backbone", "embedding"] = "backbone"
@@ -101,8 +138,19 @@ class ClusteringConfig:
     # so those features are the test-time ones, at most one epoch old.
     reuse_training_features: bool = False
 
+    def validate(self) -> None:
+        require(self.learners >= 1, f"clustering.learners must be >= 1; got {self.learners}")
+        if self.hierarchical:
+            require(self.learners & (self.learners - 1) == 0,
+                    f"clustering.hierarchical needs a power-of-two clustering.learners; got {self.learners}")
+        require(self.recluster_every >= 1, f"clustering.recluster_every must be >= 1 epoch; got {self.recluster_every}")
+        require(1 <= self.kmeans_iterations <= MAX_KMEANS_ITERATIONS,
+                f"clustering.kmeans_iterations must be in 1..{MAX_KMEANS_ITERATIONS}; got {self.kmeans_iterations}")
+        require(self.min_classes_per_cluster >= 2,
+                f"clustering.min_classes_per_cluster must be >= 2; got {self.min_classes_per_cluster}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class SamplerConfig:
     classes_per_batch: int = 20  # P
     images_per_class: int = 4  # M
@@ -116,23 +164,55 @@ class SamplerConfig:
     # A fixed number of batches per epoch whatever K (overrides epoch_length): equal budgets.
     batches_per_epoch: Optional[int] = None
 
+    def validate(self) -> None:
+        p, m = self.classes_per_batch, self.images_per_class
+        require(MIN_CLASSES_PER_BATCH <= p <= MAX_CLASSES_PER_BATCH,
+                f"sampler.classes_per_batch must be in {MIN_CLASSES_PER_BATCH}..{MAX_CLASSES_PER_BATCH}; got {p}")
+        require(MIN_IMAGES_PER_CLASS <= m <= MAX_IMAGES_PER_CLASS,
+                f"sampler.images_per_class must be in {MIN_IMAGES_PER_CLASS}..{MAX_IMAGES_PER_CLASS}; got {m}")
+        require(self.batches_per_epoch is None or self.batches_per_epoch >= 1,
+                f"sampler.batches_per_epoch must be >= 1 or null; got {self.batches_per_epoch}")
+        require(p * m <= MAX_BATCH_IMAGES,
+                f"batch of sampler.classes_per_batch x images_per_class = {p * m} images is above {MAX_BATCH_IMAGES}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class LossConfig:
-    name: Literal["margin", "triplet", "pml"] = "margin"
-    alpha: float = 0.2  # margin loss
-    beta: float = 1.2
-    nu: float = 0.0
-    beta_mode: Literal["learner", "class", "fixed"] = "learner"
-    triplet_margin: float = 0.2  # triplet loss
-    pml_loss: Optional[str] = None  # any pytorch-metric-learning loss, e.g. "MultiSimilarityLoss"
-    pml_miner: Optional[str] = None
-    pml_kwargs: dict = field(default_factory=dict)  # keyword arguments of the PML loss
-    pml_miner_kwargs: dict = field(default_factory=dict)
-    pml_per_learner: bool = False
+    name: str = "margin"  # a registered loss: dcml.losses.available_losses()
+    # That loss's own settings: the dataclass registered with it, declared beside the loss (e.g.
+    # MarginSettings in dcml/losses/margin.py). None: that loss's defaults.
+    settings: Optional[LossSettings] = None
+
+    def __post_init__(self) -> None:
+        from dcml.losses import loss_spec
+
+        kind = loss_spec(self.name).settings
+        if self.settings is None:
+            object.__setattr__(self, "settings", kind())
+        elif not isinstance(self.settings, kind):
+            raise TypeError(f"loss {self.name!r} takes {kind.__name__}, not {type(self.settings).__name__}")
+
+    def validate(self) -> None:
+        self.settings.validate()
+
+    @classmethod
+    def from_mapping(cls, raw: dict, prefix: str) -> LossConfig:
+        """Read the section: its name picks the settings dataclass that reads ``settings``."""
+        from dcml.losses import available_losses, loss_spec
+
+        # A loss's own setting given beside name (the layout before loss.settings): point at its place.
+        settings = {name for spec in available_losses().values() for name in _field_names(spec.settings)}
+        for key in raw:
+            close = [] if key in _field_names(cls) else difflib.get_close_matches(str(key), sorted(settings), n=1)
+            if close:
+                raise UserError(f"unknown setting {prefix}{key}; did you mean {prefix}settings.{close[0]}?")
+        _refuse_unknown(cls, raw, prefix)
+        name = raw.get("name", cls.name)
+        kind = loss_spec(name).settings
+        return cls(name=name, settings=from_dict(kind, raw.get("settings", {}), f"{prefix}settings."))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     epochs: int = 200
     # Epoch counts, so 80 means "the first 80 epochs divide; the 81st (index 80) conquers", as in v1.
@@ -140,8 +220,21 @@ class ScheduleConfig:
     finetune_epoch: Optional[int] = None  # epochs before the K = 1 phase on all data (None: no such phase)
     freeze_backbone_after_recluster: int = 0  # epochs the backbone stays frozen after a re-clustering
 
+    def validate(self) -> None:
+        require(1 <= self.epochs <= MAX_EPOCHS, f"schedule.epochs must be in 1..{MAX_EPOCHS}; got {self.epochs}")
+        for name in ("conquer_epoch", "finetune_epoch"):
+            value = getattr(self, name)
+            require(value is None or 0 <= value <= self.epochs,
+                    f"schedule.{name}={value} does not fit schedule.epochs={self.epochs}: "
+                    f"set it too, e.g. --set schedule.{name}={int(self.epochs * 0.7)} (or null)")
+        if self.conquer_epoch is not None and self.finetune_epoch is not None:
+            require(self.finetune_epoch >= self.conquer_epoch, "schedule.finetune_epoch must not come before schedule.conquer_epoch")
+        require(0 <= self.freeze_backbone_after_recluster <= self.epochs,
+                f"schedule.freeze_backbone_after_recluster must be in 0..schedule.epochs={self.epochs}; "
+                f"got {self.freeze_backbone_after_recluster}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     lr_backbone: float = 1e-5
     lr_embedding: float = 1e-5
@@ -151,20 +244,43 @@ class OptimizerConfig:
     lr_decay_every: Optional[int] = None  # step decay period in epochs (None: constant)
     lr_decay_factor: float = 0.5
 
+    def validate(self) -> None:
+        for name in ("lr_backbone", "lr_embedding", "lr_beta"):
+            require(getattr(self, name) >= 0, f"optimizer.{name} must be >= 0; got {getattr(self, name)}")
+        require(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0; got {self.weight_decay}")
+        require(self.mask_weight_decay_multiplier >= 0,
+                f"optimizer.mask_weight_decay_multiplier must be >= 0; got {self.mask_weight_decay_multiplier}")
+        require(self.lr_decay_every is None or self.lr_decay_every >= 1, "optimizer.lr_decay_every must be >= 1 or null")
+        require(0 < self.lr_decay_factor <= 1, f"optimizer.lr_decay_factor must be in (0, 1]; got {self.lr_decay_factor}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     every: int = 1  # validate every N epochs (and always after the last)
-    # "<protocol row>/<metric>", e.g. "leave_one_out/recall@1" or "cross_vendor/map@r".
+    # "<protocol row>/<metric>", e.g. "leave_one_out/recall@1" (row names: dcml.evaluation.protocols).
     selection_metric: str = "leave_one_out/recall@1"
     val_nmi: bool = False  # NMI on validation costs a k-means per epoch; the test report always has it
-    # The test protocol the run expects (null: the dataset's own). A preset states it so that a
-    # dataset evaluated differently is caught before training; it cannot change the protocol.
-    protocol: Optional[Literal["leave_one_out", "query_gallery", "vehicleid", "cross_group"]] = None
-    recall_ks: Optional[list[int]] = None  # the Recall@K list reported (null: the dataset's usual list)
+    # The test protocol the run expects (null: the dataset's own), one of dcml.evaluation.protocols.
+    # A preset states it so that a dataset evaluated differently is caught before training; it
+    # cannot change the protocol.
+    protocol: Optional[str] = None
+    recall_ks: Optional[tuple[int, ...]] = None  # the Recall@K list reported (null: the dataset's usual list)
+
+    def validate(self) -> None:
+        from dcml.evaluation.protocols import protocol_names
+
+        require(self.every >= 1, f"evaluation.every must be >= 1; got {self.every}")
+        require("/" in self.selection_metric,
+                f"evaluation.selection_metric must look like leave_one_out/recall@1; got {self.selection_metric!r}")
+        require(self.protocol is None or self.protocol in protocol_names(),
+                f"evaluation.protocol must be one of {', '.join(protocol_names())}; got {self.protocol!r}")
+        if self.recall_ks is not None:
+            ks = self.recall_ks
+            require(len(ks) > 0 and all(k >= 1 for k in ks) and list(ks) == sorted(set(ks)),
+                    f"evaluation.recall_ks must be increasing positive integers, e.g. [1, 2, 4, 8]; got {list(ks)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeConfig:
     """How fast, not what: none of these change results on the CPU (bf16 and channels-last apply on CUDA only)."""
 
@@ -179,8 +295,16 @@ class RuntimeConfig:
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"  # torchrun only; auto: nccl on CUDA, else gloo
     distributed_timeout_minutes: int = 60  # ranks wait this long for rank 0's evaluation / k-means
 
+    def validate(self) -> None:
+        require(1 <= self.prefetch_factor <= MAX_PREFETCH_FACTOR,
+                f"runtime.prefetch_factor must be in 1..{MAX_PREFETCH_FACTOR}; got {self.prefetch_factor}")
+        require(self.feature_batch_size is None or 1 <= self.feature_batch_size <= MAX_BATCH_SIZE,
+                f"runtime.feature_batch_size must be in 1..{MAX_BATCH_SIZE} or null; got {self.feature_batch_size}")
+        require(1 <= self.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES,
+                f"runtime.distributed_timeout_minutes must be in 1..{MAX_TIMEOUT_MINUTES}; got {self.distributed_timeout_minutes}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
@@ -194,8 +318,53 @@ class TrainConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def validate(self) -> None:
+        """Checks that need no dataset: every section's ranges, then the combinations of sections."""
+        check_finite_floats(self)
+        require(0 <= self.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}; got {self.seed}")
+        for item in dataclasses.fields(self):
+            section = getattr(self, item.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+        d, m, c = self.data, self.model, self.clustering
+        if d.cache_frozen_features:
+            require(m.trainable_blocks is not None,
+                    "data.cache_frozen_features needs model.trainable_blocks (how much of the backbone trains)")
+        if m.learner_head == "slices":
+            require(m.embedding_dim % c.learners == 0,
+                    f"clustering.learners={c.learners} must divide model.embedding_dim={m.embedding_dim} for fixed slices "
+                    f"(or use model.learner_head=masks)")
+            require(m.embedding_dim // c.learners >= 2,
+                    f"each learner needs at least 2 dimensions; embedding_dim {m.embedding_dim} / {c.learners} learners")
+        if c.reuse_training_features:
+            require(d.train_augmentation == "none" and m.freeze_bn_stats,
+                    "clustering.reuse_training_features needs data.train_augmentation=none and model.freeze_bn_stats=true "
+                    "(otherwise training features are not test-time features)")
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dicts, lists, strings and numbers: what YAML and ``torch.load(weights_only=True)`` read."""
+        return _plain(self)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {item.name: _plain(getattr(value, item.name)) for item in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def check_finite_floats(settings, prefix: str = "") -> None:
+    """No float setting means anything as NaN or infinity (YAML .nan / .inf, or --set x=nan); range
+    checks alone would let them through (every comparison with NaN is false, inf passes >= 0)."""
+    for item in dataclasses.fields(settings):
+        value, where = getattr(settings, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite_floats(value, f"{where}.")
+        elif isinstance(value, float):
+            require(math.isfinite(value), f"{where} must be a finite number; got {value}")
 
 
 # ---------------------------------------------------------------------------- loading
@@ -217,7 +386,11 @@ def preset_path(name_or_path: str) -> Path:
 
 
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> TrainConfig:
-    """Preset (or ``base`` dict) + ``section.field=value`` overrides -> a validated TrainConfig."""
+    """Preset (or ``base`` dict) + ``section.field=value`` overrides -> a validated, frozen TrainConfig.
+
+    Each layer (preset, then ``base``, then all overrides) goes over the ones before it; a layer
+    that names another loss replaces the loss settings below it, which belong to the other loss.
+    """
     raw: dict = {}
     if preset is not None:
         path = preset_path(preset)
@@ -227,13 +400,48 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise UserError(f"preset {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise UserError(f"preset {path} must be a mapping of sections, not {type(raw).__name__}")
-    if base is not None:
-        raw = _merge(raw, base)
+    requested: dict = {}
     for override in overrides:
-        raw = _merge(raw, parse_override(override))
+        requested = _merge(requested, parse_override(override))
+    for layer in (None if base is None else upgrade_saved_config(base), requested):
+        if layer:
+            raw = _merge(_without_other_loss_settings(raw, layer), layer)
     config = from_dict(TrainConfig, raw)
-    validate(config)
+    config.validate()
     return config
+
+
+#: How configurations saved before the loss settings moved under ``loss.settings`` (run folders of
+#: dcml 0.1) named each loss's settings: old key -> setting. Only for reading those files.
+_FLAT_LOSS_SETTINGS = {
+    "margin": {"alpha": "alpha", "beta": "beta", "nu": "nu", "beta_mode": "beta_mode"},
+    "triplet": {"triplet_margin": "margin"},
+    "pml": {"pml_loss": "loss_name", "pml_miner": "miner_name", "pml_per_learner": "per_learner",
+            "pml_kwargs": "loss_kwargs", "pml_miner_kwargs": "miner_kwargs"},
+}
+
+
+def upgrade_saved_config(saved: dict) -> dict:
+    """A saved configuration (``TrainConfig.to_dict()`` of a run folder) in today's layout: one
+    written before ``loss.settings`` existed keeps its loss's settings, the other losses' are dropped."""
+    loss = saved.get("loss")
+    flat_keys = {key for keys in _FLAT_LOSS_SETTINGS.values() for key in keys}
+    if not isinstance(loss, dict) or "settings" in loss or not flat_keys & set(loss):
+        return saved
+    name = loss.get("name", LossConfig.name)
+    renamed = _FLAT_LOSS_SETTINGS.get(name, {})
+    settings = {renamed[key]: value for key, value in loss.items() if key in renamed}
+    return {**saved, "loss": {"name": name, "settings": settings}}
+
+
+def _without_other_loss_settings(raw: dict, layer: dict) -> dict:
+    """``raw`` without its loss settings when ``layer`` names another loss (the settings are that loss's)."""
+    below, above = raw.get("loss"), layer.get("loss")
+    if not (isinstance(below, dict) and isinstance(above, dict) and "name" in above):
+        return raw
+    if below.get("name", LossConfig.name) == above["name"]:
+        return raw
+    return {**raw, "loss": {key: value for key, value in below.items() if key != "settings"}}
 
 
 def parse_override(text: str) -> dict:
@@ -262,22 +470,33 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def from_dict(cls, raw: Any, prefix: str = ""):
-    """Build dataclass ``cls`` from nested dicts, checking every field's type."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'configuration'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in raw if k not in fields]
+def _field_names(cls) -> list[str]:
+    return [item.name for item in dataclasses.fields(cls)]
+
+
+def _refuse_unknown(cls, raw: dict, prefix: str) -> None:
+    fields = _field_names(cls)
+    unknown = [key for key in raw if key not in fields]
     if unknown:
         name = unknown[0]
-        close = difflib.get_close_matches(str(name), list(fields), n=1)
+        close = difflib.get_close_matches(str(name), fields, n=1)
         hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known fields: {', '.join(fields)}"
         raise UserError(f"unknown setting {prefix}{name}{hint}")
-    values = {}
-    for name, value in raw.items():
-        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**values)
+
+
+def from_dict(cls, raw: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from nested dicts, checking every field's type.
+
+    A section whose field types depend on its values (the loss: its name picks its settings'
+    dataclass) reads itself with its ``from_mapping(raw, prefix)``.
+    """
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'configuration'} must be a mapping, got {raw!r}")
+    if hasattr(cls, "from_mapping"):
+        return cls.from_mapping(raw, prefix)
+    _refuse_unknown(cls, raw, prefix)
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()})
 
 
 def _coerce(hint, value, where: str):
@@ -317,11 +536,11 @@ def _coerce(hint, value, where: str):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{where} must be a string; got {value!r}")
         return str(value)
-    if origin is list:
+    if origin is tuple:  # tuple[item, ...]: a YAML list, kept as a tuple so the section stays frozen
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where} must be a list; got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping; got {value!r}")
@@ -330,96 +549,9 @@ def _coerce(hint, value, where: str):
 
 
 # ---------------------------------------------------------------------------- validation
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
-
-
-def _require_finite_floats(config: TrainConfig) -> None:
-    """No float setting means anything as NaN or infinity (YAML .nan / .inf, or --set x=nan); range
-    checks alone would let them through (every comparison with NaN is false, inf passes >= 0)."""
-    for section in dataclasses.fields(config):
-        value = getattr(config, section.name)
-        if not dataclasses.is_dataclass(value):
-            continue
-        for item in dataclasses.fields(value):
-            number = getattr(value, item.name)
-            if isinstance(number, float):
-                _require(math.isfinite(number), f"{section.name}.{item.name} must be a finite number; got {number}")
-
-
 def validate(config: TrainConfig) -> None:
-    """Checks that need no dataset: ranges and combinations of settings."""
-    d, m, c, s, lo, sc, o, e = (config.data, config.model, config.clustering, config.sampler, config.loss,
-                                config.schedule, config.optimizer, config.evaluation)
-    _require_finite_floats(config)
-    _require(0 <= config.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}; got {config.seed}")
-    _require(16 <= d.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be in 16..{MAX_IMAGE_SIZE} pixels; got {d.image_size}")
-    _require(0 <= d.num_workers <= MAX_WORKERS, f"data.num_workers must be in 0..{MAX_WORKERS}; got {d.num_workers}")
-    _require(1 <= d.eval_batch_size <= MAX_BATCH_SIZE, f"data.eval_batch_size must be in 1..{MAX_BATCH_SIZE}; got {d.eval_batch_size}")
-    _require(0 < d.validation_fraction < 1, f"data.validation_fraction must be between 0 and 1; got {d.validation_fraction}")
-    _require(d.max_image_pixels >= 1, f"data.max_image_pixels must be a positive number of pixels (width x height); got {d.max_image_pixels}")
-    if d.cache_frozen_features:
-        _require(d.train_augmentation == "none",
-                 "data.cache_frozen_features needs data.train_augmentation=none (random crops change the frozen part's input)")
-        _require(m.trainable_blocks is not None, "data.cache_frozen_features needs model.trainable_blocks (how much of the backbone trains)")
-    _require(m.trainable_blocks is None or m.trainable_blocks >= 0, f"model.trainable_blocks must be >= 0 or null; got {m.trainable_blocks}")
-    _require(1 <= m.embedding_dim <= MAX_EMBEDDING_DIM, f"model.embedding_dim must be in 1..{MAX_EMBEDDING_DIM}; got {m.embedding_dim}")
-    _require(0 <= m.dropout < 1, f"model.dropout must be in [0, 1); got {m.dropout}")
-    _require(m.mask_lr_multiplier > 0, f"model.mask_lr_multiplier must be > 0; got {m.mask_lr_multiplier}")
-    _require(m.mask_regularization >= 0, f"model.mask_regularization must be >= 0; got {m.mask_regularization}")
-    _require(c.learners >= 1, f"clustering.learners must be >= 1; got {c.learners}")
-    if m.learner_head == "slices":
-        _require(m.embedding_dim % c.learners == 0,
-                 f"clustering.learners={c.learners} must divide model.embedding_dim={m.embedding_dim} for fixed slices "
-                 f"(or use model.learner_head=masks)")
-        _require(m.embedding_dim // c.learners >= 2, f"each learner needs at least 2 dimensions; embedding_dim {m.embedding_dim} / {c.learners} learners")
-    if c.hierarchical:
-        _require(c.learners & (c.learners - 1) == 0, f"clustering.hierarchical needs a power-of-two clustering.learners; got {c.learners}")
-    if c.reuse_training_features:
-        _require(d.train_augmentation == "none" and m.freeze_bn_stats,
-                 "clustering.reuse_training_features needs data.train_augmentation=none and model.freeze_bn_stats=true "
-                 "(otherwise training features are not test-time features)")
-    _require(c.recluster_every >= 1, f"clustering.recluster_every must be >= 1 epoch; got {c.recluster_every}")
-    _require(1 <= c.kmeans_iterations <= MAX_KMEANS_ITERATIONS,
-             f"clustering.kmeans_iterations must be in 1..{MAX_KMEANS_ITERATIONS}; got {c.kmeans_iterations}")
-    _require(c.min_classes_per_cluster >= 2, f"clustering.min_classes_per_cluster must be >= 2; got {c.min_classes_per_cluster}")
-    _require(2 <= s.classes_per_batch <= 1024, f"sampler.classes_per_batch must be in 2..1024; got {s.classes_per_batch}")
-    _require(2 <= s.images_per_class <= 64, f"sampler.images_per_class must be in 2..64; got {s.images_per_class}")
-    _require(s.batches_per_epoch is None or s.batches_per_epoch >= 1, f"sampler.batches_per_epoch must be >= 1 or null; got {s.batches_per_epoch}")
-    _require(s.classes_per_batch * s.images_per_class <= 4096,
-             f"batch of sampler.classes_per_batch x images_per_class = {s.classes_per_batch * s.images_per_class} images is above 4096")
-    _require(lo.alpha > 0 and lo.beta > 0, f"loss.alpha and loss.beta must be > 0; got {lo.alpha}, {lo.beta}")
-    _require(lo.nu >= 0 and lo.triplet_margin > 0, "loss.nu must be >= 0 and loss.triplet_margin > 0")
-    if lo.name == "pml":
-        _require(bool(lo.pml_loss), "loss.name=pml needs loss.pml_loss, e.g. MultiSimilarityLoss")
-    _require(1 <= sc.epochs <= MAX_EPOCHS, f"schedule.epochs must be in 1..{MAX_EPOCHS}; got {sc.epochs}")
-    for name in ("conquer_epoch", "finetune_epoch"):
-        value = getattr(sc, name)
-        _require(value is None or 0 <= value <= sc.epochs,
-                 f"schedule.{name}={value} does not fit schedule.epochs={sc.epochs}: "
-                 f"set it too, e.g. --set schedule.{name}={int(sc.epochs * 0.7)} (or null)")
-    if sc.conquer_epoch is not None and sc.finetune_epoch is not None:
-        _require(sc.finetune_epoch >= sc.conquer_epoch, "schedule.finetune_epoch must not come before schedule.conquer_epoch")
-    _require(0 <= sc.freeze_backbone_after_recluster <= sc.epochs,
-             f"schedule.freeze_backbone_after_recluster must be in 0..schedule.epochs={sc.epochs}; got {sc.freeze_backbone_after_recluster}")
-    for name in ("lr_backbone", "lr_embedding", "lr_beta"):
-        _require(getattr(o, name) >= 0, f"optimizer.{name} must be >= 0; got {getattr(o, name)}")
-    _require(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0; got {o.weight_decay}")
-    _require(o.mask_weight_decay_multiplier >= 0, f"optimizer.mask_weight_decay_multiplier must be >= 0; got {o.mask_weight_decay_multiplier}")
-    _require(o.lr_decay_every is None or o.lr_decay_every >= 1, "optimizer.lr_decay_every must be >= 1 or null")
-    _require(0 < o.lr_decay_factor <= 1, f"optimizer.lr_decay_factor must be in (0, 1]; got {o.lr_decay_factor}")
-    _require(e.every >= 1, f"evaluation.every must be >= 1; got {e.every}")
-    _require("/" in e.selection_metric, f"evaluation.selection_metric must look like leave_one_out/recall@1; got {e.selection_metric!r}")
-    if e.recall_ks is not None:
-        _require(len(e.recall_ks) > 0 and all(k >= 1 for k in e.recall_ks) and list(e.recall_ks) == sorted(set(e.recall_ks)),
-                 f"evaluation.recall_ks must be increasing positive integers, e.g. [1, 2, 4, 8]; got {e.recall_ks}")
-    r = config.runtime
-    _require(1 <= r.prefetch_factor <= MAX_PREFETCH_FACTOR, f"runtime.prefetch_factor must be in 1..{MAX_PREFETCH_FACTOR}; got {r.prefetch_factor}")
-    _require(r.feature_batch_size is None or 1 <= r.feature_batch_size <= MAX_BATCH_SIZE,
-             f"runtime.feature_batch_size must be in 1..{MAX_BATCH_SIZE} or null; got {r.feature_batch_size}")
-    _require(1 <= r.distributed_timeout_minutes <= MAX_TIMEOUT_MINUTES,
-             f"runtime.distributed_timeout_minutes must be in 1..{MAX_TIMEOUT_MINUTES}; got {r.distributed_timeout_minutes}")
+    """Checks that need no dataset: ranges and combinations of settings (:meth:`TrainConfig.validate`)."""
+    config.validate()
 
 
 def validate_against_data(config: TrainConfig, num_train_classes: int, num_backbone_blocks: int | None,
@@ -427,16 +559,16 @@ def validate_against_data(config: TrainConfig, num_train_classes: int, num_backb
     """Checks that need the dataset and the backbone: K vs classes, blocks vs depth, the expected protocol."""
     c, s = config.clustering, config.sampler
     expected = config.evaluation.protocol
-    _require(expected is None or protocol is None or expected == protocol,
+    require(expected is None or protocol is None or expected == protocol,
              f"evaluation.protocol={expected} but dataset {config.data.dataset} is evaluated with the {protocol} protocol "
              f"(wrong preset for this dataset?)")
     needed = c.learners * c.min_classes_per_cluster
-    _require(needed <= num_train_classes,
+    require(needed <= num_train_classes,
              f"clustering.learners={c.learners} is too many for {num_train_classes} training classes "
              f"(each learner needs {c.min_classes_per_cluster}); use at most {num_train_classes // c.min_classes_per_cluster}")
-    _require(s.classes_per_batch <= num_train_classes,
+    require(s.classes_per_batch <= num_train_classes,
              f"sampler.classes_per_batch={s.classes_per_batch} is more than the {num_train_classes} training classes")
     blocks = config.model.trainable_blocks
     if blocks is not None and num_backbone_blocks is not None:
-        _require(blocks <= num_backbone_blocks,
+        require(blocks <= num_backbone_blocks,
                  f"model.trainable_blocks={blocks} but backbone {config.model.backbone} has {num_backbone_blocks} blocks")

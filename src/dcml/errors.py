@@ -17,3 +17,9 @@ class DatasetError(UserError):
 
 class MissingDependencyError(UserError):
     """An optional tool or file the requested action needs is not available."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``UserError(message)`` unless ``condition``: one line per check of a setting."""
+    if not condition:
+        raise UserError(message)

@@ -36,6 +36,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from dcml.clustering import Clustering
+from dcml.config import (
+    MAX_CLASSES_PER_BATCH,
+    MAX_IMAGES_PER_CLASS,
+    MIN_CLASSES_PER_BATCH,
+    MIN_IMAGES_PER_CLASS,
+    SamplerConfig,
+)
 from dcml.errors import UserError
 
 EPOCH_LARGEST = "largest"
@@ -84,22 +91,25 @@ class ClusterBatchSampler:
         *,
         classes_per_batch: int,
         images_per_class: int,
-        epoch_length: str = EPOCH_LARGEST,
+        epoch_length: str = SamplerConfig.epoch_length,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
-        batches_per_epoch: int | None = None,
-        pass_unit: str = PASS_CLASSES,
-        fill_small_clusters: bool = False,
+        batches_per_epoch: int | None = SamplerConfig.batches_per_epoch,
+        pass_unit: str = SamplerConfig.pass_unit,
+        fill_small_clusters: bool = SamplerConfig.fill_small_clusters,
     ) -> None:
         labels = np.asarray(labels)
         if labels.shape != clustering.assignment.shape:
             raise ValueError(f"labels {labels.shape} do not match the clustering's assignment {clustering.assignment.shape}")
         if epoch_length not in EPOCH_LENGTHS:
             raise UserError(f"unknown epoch length {epoch_length!r}; choose one of: {', '.join(EPOCH_LENGTHS)}")
-        if classes_per_batch < 1 or images_per_class < 1:
+        # The configuration's ranges (sampler.classes_per_batch, sampler.images_per_class).
+        if not (MIN_CLASSES_PER_BATCH <= classes_per_batch <= MAX_CLASSES_PER_BATCH
+                and MIN_IMAGES_PER_CLASS <= images_per_class <= MAX_IMAGES_PER_CLASS):
             raise UserError(
-                f"classes per batch and images per class must be >= 1, got {classes_per_batch} and {images_per_class}"
+                f"classes per batch and images per class must be in {MIN_CLASSES_PER_BATCH}..{MAX_CLASSES_PER_BATCH} "
+                f"and {MIN_IMAGES_PER_CLASS}..{MAX_IMAGES_PER_CLASS}, got {classes_per_batch} and {images_per_class}"
             )
         if pass_unit not in PASS_UNITS:
             raise UserError(f"unknown pass unit {pass_unit!r}; choose one of: {', '.join(PASS_UNITS)}")

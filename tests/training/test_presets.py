@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dcml.cli import main
-from dcml.config import PRESET_DIR, TrainConfig, load_config
+from dcml.config import PRESET_DIR, load_config
 from dcml.errors import MissingDependencyError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # tests/data/replicas.py
@@ -27,16 +27,16 @@ PAPER_PRESETS = CVPR_PRESETS + TPAMI_PRESETS
 # The key recipe values per preset: dataset, K, d, P x M, epochs, conquer / finetune epoch counts,
 # protocol and Recall@K list (the rest is common to each paper's presets, checked below).
 RECIPES = {
-    "cub200": ("cub200", 4, 128, (20, 4), 200, 80, 190, "leave_one_out", [1, 2, 4, 8]),
-    "cars196": ("cars196", 4, 128, (20, 4), 200, 80, 190, "leave_one_out", [1, 2, 4, 8]),
-    "sop": ("sop", 8, 128, (20, 4), 200, 80, 190, "leave_one_out", [1, 10, 100, 1000]),
-    "inshop": ("inshop", 8, 128, (20, 4), 200, 80, 190, "query_gallery", [1, 10, 20, 30, 40, 50]),
-    "vehicleid": ("vehicleid", 8, 128, (20, 4), 200, 80, 190, "vehicleid", [1, 5]),
-    "cub200-tpami": ("cub200", 4, 512, (40, 2), 180, 80, None, "leave_one_out", [1, 2, 4, 8]),
-    "cars196-tpami": ("cars196", 4, 512, (40, 2), 180, 80, None, "leave_one_out", [1, 2, 4, 8]),
-    "sop-tpami": ("sop", 32, 512, (40, 2), 180, 80, None, "leave_one_out", [1, 10, 100, 1000]),
-    "inshop-tpami": ("inshop", 8, 512, (40, 2), 180, 80, None, "query_gallery", [1, 10, 20, 30, 40, 50]),
-    "vehicleid-tpami": ("vehicleid", 8, 512, (40, 2), 180, 80, None, "vehicleid", [1, 5]),
+    "cub200": ("cub200", 4, 128, (20, 4), 200, 80, 190, "leave_one_out", (1, 2, 4, 8)),
+    "cars196": ("cars196", 4, 128, (20, 4), 200, 80, 190, "leave_one_out", (1, 2, 4, 8)),
+    "sop": ("sop", 8, 128, (20, 4), 200, 80, 190, "leave_one_out", (1, 10, 100, 1000)),
+    "inshop": ("inshop", 8, 128, (20, 4), 200, 80, 190, "query_gallery", (1, 10, 20, 30, 40, 50)),
+    "vehicleid": ("vehicleid", 8, 128, (20, 4), 200, 80, 190, "vehicleid", (1, 5)),
+    "cub200-tpami": ("cub200", 4, 512, (40, 2), 180, 80, None, "leave_one_out", (1, 2, 4, 8)),
+    "cars196-tpami": ("cars196", 4, 512, (40, 2), 180, 80, None, "leave_one_out", (1, 2, 4, 8)),
+    "sop-tpami": ("sop", 32, 512, (40, 2), 180, 80, None, "leave_one_out", (1, 10, 100, 1000)),
+    "inshop-tpami": ("inshop", 8, 512, (40, 2), 180, 80, None, "query_gallery", (1, 10, 20, 30, 40, 50)),
+    "vehicleid-tpami": ("vehicleid", 8, 512, (40, 2), 180, 80, None, "vehicleid", (1, 5)),
 }
 
 
@@ -45,6 +45,18 @@ def replicas(tmp_path_factory) -> dict[str, Path]:
     """One replica per benchmark, built once: enough classes for every paper preset."""
     base = tmp_path_factory.mktemp("replicas")
     return {name: make_replica(name, base / name) for name in DATASETS}
+
+
+def leaf_settings(settings: dict, prefix: str = "") -> list[str]:
+    """``section.field`` of every value of a saved configuration (``loss.settings.alpha``; a
+    mapping-valued setting such as ``loss.settings.loss_kwargs`` is one value)."""
+    names = []
+    for key, value in settings.items():
+        if isinstance(value, dict) and not key.endswith("kwargs"):
+            names += leaf_settings(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def _dry_run(preset: str, root: Path, out: Path, *extra: str) -> list[str]:
@@ -63,8 +75,8 @@ def _one_line_error(capsys) -> str:
 def test_every_value_line_names_its_source(preset):
     text = (PRESET_DIR / f"{preset}.yaml").read_text()
     value_lines = [line for line in text.splitlines() if re.match(r"^\s*[\w]+:\s*[^\s#]", line)]
-    fields = sum(len(v) if isinstance(v, dict) else 1 for v in TrainConfig().to_dict().values())
-    assert len(value_lines) == fields  # one line per field of every section
+    # One line per field of every section, and of the preset's loss's own settings (loss.settings).
+    assert len(value_lines) == len(leaf_settings(load_config(preset).to_dict()))
     missing = [line for line in value_lines if not re.search(r"\s#\s*\S", line)]
     assert not missing, f"{preset}: values without a '# source' comment: {missing}"
 
@@ -83,7 +95,9 @@ def test_recipe_values(preset):
     assert (c.model.dropout, c.model.freeze_bn_stats) == (0.01, True)
     assert (c.data.image_size, c.data.train_augmentation, c.data.cache_frozen_features) == (224, "crop_flip", False)
     assert c.data.validation_fraction == 0.15
-    assert (c.loss.name, c.loss.alpha, c.loss.beta, c.loss.nu) == ("margin", 0.2, 1.2, 0.0)
+    assert c.loss.name == "margin"
+    s = c.loss.settings
+    assert (s.alpha, s.beta, s.nu, s.beta_mode, s.cutoff, s.nonzero_loss_cutoff) == (0.2, 1.2, 0.0, "learner", 0.5, None)
     assert (c.optimizer.lr_backbone, c.optimizer.lr_embedding, c.optimizer.weight_decay) == (1e-5, 1e-5, 1e-4)
     assert c.optimizer.lr_decay_every is None
     assert (c.clustering.recluster_every, c.clustering.space, c.clustering.unit) == (2, "backbone", "image")

@@ -125,9 +125,9 @@ def test_cached_frozen_units_give_the_same_run_as_running_them(tiny_folder, tmp_
         ("model.learner_head=masks", "clustering.hierarchical=true", "schedule.freeze_backbone_after_recluster=1"),
         ("clustering.unit=class", "clustering.space=embedding", "sampler.epoch_length=smallest"),
         ("loss.name=triplet", "schedule.finetune_epoch=3", "optimizer.lr_decay_every=2"),
-        ("loss.beta_mode=class", "data.train_augmentation=crop", "clustering.reuse_training_features=false"),
-        ("loss.name=pml", "loss.pml_loss=ContrastiveLoss", "loss.pml_miner=MultiSimilarityMiner",
-         "loss.pml_kwargs={pos_margin: 0.0, neg_margin: 1.0}", "loss.pml_per_learner=true"),
+        ("loss.settings.beta_mode=class", "data.train_augmentation=crop", "clustering.reuse_training_features=false"),
+        ("loss.name=pml", "loss.settings.loss_name=ContrastiveLoss", "loss.settings.miner_name=MultiSimilarityMiner",
+         "loss.settings.loss_kwargs={pos_margin: 0.0, neg_margin: 1.0}", "loss.settings.per_learner=true"),
     ],
 )
 def test_every_variant_trains(tiny_folder, tmp_path, extra):

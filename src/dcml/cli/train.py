@@ -109,13 +109,18 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None):
     return load_config(args.preset or DEFAULT_PRESET, overrides)
 
 
-def _flatten(settings: dict, prefix: str = "") -> dict:
+def _flatten(config, prefix: str = "") -> dict:
+    """Setting -> value of every field of a configuration (``loss.settings.alpha``), as its sections'
+    dataclasses nest: a mapping-valued setting (``loss.settings.loss_kwargs``) stays one value."""
+    import dataclasses
+
     flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key not in ("pml_kwargs", "pml_miner_kwargs"):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(_flatten(value, f"{prefix}{item.name}."))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[f"{prefix}{item.name}"] = list(value) if isinstance(value, tuple) else value  # as YAML writes it
     return flat
 
 
@@ -126,7 +131,7 @@ def resume_config(args: argparse.Namespace, payload: dict):
     saved = load_config(None, [], base=payload["config"])
     # With --preset the command is taken as typed (e.g. the original command with --resume added).
     requested = config_from_args(args) if args.preset is not None else config_from_args(args, base=payload["config"])
-    before, after = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+    before, after = _flatten(saved), _flatten(requested)
     changed = [key for key in after if before.get(key) != after[key]]
     refused = [key for key in changed if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed))
                                                    for allowed in RESUMABLE_SETTINGS)]

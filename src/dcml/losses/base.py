@@ -7,6 +7,7 @@ Conventions (as in pytorch-metric-learning): a batch is ``embeddings`` (B, D) an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
@@ -15,6 +16,22 @@ from torch import nn
 from dcml.errors import UserError
 
 Triplets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+#: Where a loss's settings live in the training configuration; their messages name them by it.
+SETTINGS_PATH = "loss.settings."
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The options of one loss, as ``loss.settings`` holds them: each field with its default.
+
+    A loss declares a frozen dataclass deriving from this next to its code and registers it with
+    the loss (:func:`dcml.losses.register_loss`); the configuration reads and type-checks the
+    fields from YAML, and :meth:`validate` checks their ranges.
+    """
+
+    def validate(self) -> None:
+        """Raise a one-line UserError naming the setting (``loss.settings.alpha must be > 0; got -1.0``)."""
 
 
 class TripletMiner:

@@ -8,11 +8,16 @@ distance-weighted negative sampling and a learnable beta (per learner or per cla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional
+
 import torch
 from torch import nn
 
-from dcml.errors import UserError
+from dcml.errors import UserError, require
 from dcml.losses.base import (
+    SETTINGS_PATH,
+    LossSettings,
     MetricLoss,
     Triplets,
     TripletMiner,
@@ -25,14 +30,38 @@ from dcml.losses.base import (
     zero_loss,
 )
 
-# Defaults of Wu et al. 2017 (section 5 and their released code), also used by the DCML paper.
-DEFAULT_ALPHA = 0.2  # margin between the positive and negative pair distances and beta
-DEFAULT_BETA = 1.2  # initial boundary between positive and negative distances
-DEFAULT_NU = 0.0  # weight of the beta regulariser; DCML trains with nu = 0
-DEFAULT_CUTOFF = 0.5  # distances are clamped below here before weighting (Wu et al., section 4)
-DEFAULT_NONZERO_LOSS_CUTOFF = DEFAULT_BETA + DEFAULT_ALPHA  # negatives this far give zero loss
 BETA_MODES = ("learner", "class", "fixed")
-DEFAULT_BETA_MODE = "learner"  # DCML v1 keeps one beta per learner
+
+
+@dataclass(frozen=True)
+class MarginSettings(LossSettings):
+    """``loss.settings`` of the margin loss. Defaults: Wu et al. 2017 (section 5 and their released
+    code), which the DCML paper also uses."""
+
+    alpha: float = 0.2  # margin between the pair distances and beta
+    beta: float = 1.2  # initial boundary between positive and negative distances
+    nu: float = 0.0  # weight of the beta regulariser; DCML trains with nu = 0
+    # One learnable beta per learner (DCML), per class, or one fixed beta (DCML v1's code).
+    beta_mode: Literal[BETA_MODES] = "learner"
+    cutoff: float = 0.5  # distances are clamped below here before weighting (Wu et al., section 4)
+    # Negatives this far or farther are never drawn (they give no loss); null: beta + alpha.
+    nonzero_loss_cutoff: Optional[float] = None
+
+    def validate(self) -> None:
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            require(value > 0, f"{SETTINGS_PATH}{name} must be > 0; got {value}")
+        require(self.nu >= 0, f"{SETTINGS_PATH}nu must be >= 0; got {self.nu}")
+        require(self.cutoff >= 0, f"{SETTINGS_PATH}cutoff must be >= 0; got {self.cutoff}")
+        default = " (null: beta + alpha)" if self.nonzero_loss_cutoff is None else ""
+        require(self.miner_cutoff() > self.cutoff,
+                f"{SETTINGS_PATH}nonzero_loss_cutoff must be > {SETTINGS_PATH}cutoff={self.cutoff}; "
+                f"got {self.miner_cutoff():g}{default}")
+
+    def miner_cutoff(self) -> float:
+        """The distance from which negatives are not drawn: the setting, or beta + alpha."""
+        return self.beta + self.alpha if self.nonzero_loss_cutoff is None else self.nonzero_loss_cutoff
+
 
 # Keeps log(1 - d^2/4) finite for antipodal points (d = 2), where the sphere density vanishes.
 _MIN_SPHERE_FACTOR = 1e-12
@@ -57,8 +86,8 @@ class DistanceWeightedMiner(TripletMiner):
 
     def __init__(
         self,
-        cutoff: float = DEFAULT_CUTOFF,
-        nonzero_loss_cutoff: float = DEFAULT_NONZERO_LOSS_CUTOFF,
+        cutoff: float = MarginSettings.cutoff,
+        nonzero_loss_cutoff: float = MarginSettings().miner_cutoff(),
         generator: torch.Generator | None = None,
     ):
         owner = "distance-weighted miner"
@@ -127,16 +156,16 @@ class MarginLoss(MetricLoss):
 
     def __init__(
         self,
-        alpha: float = DEFAULT_ALPHA,
-        beta: float = DEFAULT_BETA,
-        nu: float = DEFAULT_NU,
-        beta_mode: str = DEFAULT_BETA_MODE,
+        alpha: float = MarginSettings.alpha,
+        beta: float = MarginSettings.beta,
+        nu: float = MarginSettings.nu,
+        beta_mode: str = MarginSettings.beta_mode,
         num_learners: int = 1,
         num_classes: int | None = None,
         miner: TripletMiner | None = None,
     ):
         owner = "margin loss"
-        self.alpha = require_number(owner, "alpha", alpha, minimum=0.0)
+        self.alpha = require_number(owner, "alpha", alpha, minimum=0.0, strictly_above=True)
         initial_beta = require_number(owner, "beta", beta, minimum=0.0, strictly_above=True)
         self.nu = require_number(owner, "nu", nu, minimum=0.0)
         if beta_mode not in BETA_MODES:

@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from dataclasses import dataclass, field
+from typing import Optional
 
 from torch import nn
 
-from dcml.errors import MissingDependencyError, UserError
-from dcml.losses.base import MetricLoss, require_count
+from dcml.errors import MissingDependencyError, UserError, require
+from dcml.losses.base import SETTINGS_PATH, LossSettings, MetricLoss, require_count
 
 # How many "did you mean" suggestions an unknown PML name gets (difflib's default).
 _CLOSE_MATCH_COUNT = 3
+
+
+@dataclass(frozen=True)
+class PMLSettings(LossSettings):
+    """``loss.settings`` of a pytorch-metric-learning loss (the names are PML's classes)."""
+
+    loss_name: Optional[str] = None  # e.g. MultiSimilarityLoss; needed (PML has no default loss)
+    miner_name: Optional[str] = None  # e.g. MultiSimilarityMiner (null: the loss sees every pair)
+    per_learner: bool = False  # one loss instance per learner (its own proxies, betas)
+    loss_kwargs: dict = field(default_factory=dict)  # keyword arguments of the PML loss
+    miner_kwargs: dict = field(default_factory=dict)  # keyword arguments of the PML miner
+
+    def validate(self) -> None:
+        require(bool(self.loss_name), f"loss.name=pml needs {SETTINGS_PATH}loss_name, e.g. MultiSimilarityLoss")
+        require(self.miner_name is not None or not self.miner_kwargs,
+                f"{SETTINGS_PATH}miner_kwargs given without a {SETTINGS_PATH}miner_name")
 
 
 def _import_pml():
@@ -79,7 +97,7 @@ class PMLLoss(MetricLoss):
         loss_name: str,
         miner_name: str | None = None,
         *,
-        per_learner: bool = False,
+        per_learner: bool = PMLSettings.per_learner,
         num_learners: int = 1,
         num_classes: int | None = None,
         miner_kwargs: dict | None = None,

@@ -1,59 +1,56 @@
-"""A registry of losses: ``create_loss("margin", num_learners=4, num_classes=100, alpha=0.2)``."""
+"""A registry of losses: each is a builder and the settings dataclass it takes, under one name.
+
+Adding a loss is one module: its :class:`~dcml.losses.base.LossSettings` dataclass next to its code,
+and a builder registered with both::
+
+    @dataclass(frozen=True)
+    class MySettings(LossSettings):
+        scale: float = 1.0
+
+        def validate(self) -> None:
+            require(self.scale > 0, f"{SETTINGS_PATH}scale must be > 0; got {self.scale}")
+
+    @register_loss("mine", "what it is", MySettings)
+    def _build(settings: MySettings, *, num_learners: int, num_classes: int) -> MetricLoss: ...
+
+The configuration then accepts ``loss: {name: mine, settings: {scale: 2.0}}`` (and ``--set
+loss.settings.scale=2``) and reads, type-checks and validates the settings through the dataclass.
+"""
 
 from __future__ import annotations
 
-import inspect
+import difflib
 from dataclasses import dataclass
 from typing import Callable
 
 from dcml.errors import UserError
-from dcml.losses.base import MetricLoss
-from dcml.losses.margin import (
-    DEFAULT_ALPHA,
-    DEFAULT_BETA,
-    DEFAULT_BETA_MODE,
-    DEFAULT_CUTOFF,
-    DEFAULT_NU,
-    DistanceWeightedMiner,
-    MarginLoss,
-)
-from dcml.losses.pml import PMLLoss
-from dcml.losses.triplet import DEFAULT_TRIPLET_MARGIN, TripletLoss
+from dcml.losses.base import SETTINGS_PATH, LossSettings, MetricLoss
+from dcml.losses.margin import DistanceWeightedMiner, MarginLoss, MarginSettings
+from dcml.losses.pml import PMLLoss, PMLSettings
+from dcml.losses.triplet import TripletLoss, TripletSettings
 
-# The arguments every factory receives from the trainer rather than from the user's settings.
-_CONTEXT_ARGUMENTS = ("num_learners", "num_classes")
+Builder = Callable[..., MetricLoss]  # builder(settings, *, num_learners, num_classes)
 
 
 @dataclass(frozen=True)
 class LossSpec:
     name: str
-    build: Callable[..., MetricLoss]
+    build: Builder
+    settings: type[LossSettings]
     description: str
-
-    def settings(self) -> list[str]:
-        """The user settings the factory accepts (its keyword arguments minus the trainer's)."""
-        parameters = inspect.signature(self.build).parameters
-        return [name for name in parameters if name not in _CONTEXT_ARGUMENTS]
-
-    def required_settings(self) -> list[str]:
-        parameters = inspect.signature(self.build).parameters
-        return [
-            name
-            for name, parameter in parameters.items()
-            if name not in _CONTEXT_ARGUMENTS and parameter.default is inspect.Parameter.empty
-        ]
 
 
 _LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, description: str):
-    """Decorator: register ``fn(*, num_learners, num_classes, **settings) -> MetricLoss`` as ``name``."""
+def register_loss(name: str, description: str, settings: type[LossSettings]):
+    """Decorator: register ``fn(settings, *, num_learners, num_classes) -> MetricLoss`` as ``name``,
+    with ``settings`` the frozen dataclass of its options (``loss.settings``)."""
 
-    def decorate(fn: Callable[..., MetricLoss]) -> Callable[..., MetricLoss]:
+    def decorate(fn: Builder) -> Builder:
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        _LOSSES[name] = LossSpec(name=name, build=fn, description=description)
+        _LOSSES[name] = LossSpec(name=name, build=fn, settings=settings, description=description)
         return fn
 
     return decorate
@@ -63,69 +60,56 @@ def available_losses() -> dict[str, LossSpec]:
     return dict(sorted(_LOSSES.items()))
 
 
-def create_loss(name: str, *, num_learners: int, num_classes: int, **settings) -> MetricLoss:
-    """Build the loss registered as ``name`` with the user's ``settings`` (validated, UserError if bad)."""
+def loss_spec(name) -> LossSpec:
+    """The loss registered as ``name``; a one-line UserError naming ``loss.name`` otherwise."""
     losses = available_losses()
-    if name not in losses:
-        raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(losses)}")
-    spec = losses[name]
-    allowed = spec.settings()
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise UserError(
-            f"unknown setting(s) {', '.join(map(repr, unknown))} for loss {name!r}; allowed: {', '.join(allowed)}"
-        )
-    missing = [setting for setting in spec.required_settings() if setting not in settings]
-    if missing:
-        raise UserError(f"loss {name!r} needs the setting(s): {', '.join(missing)}")
-    return spec.build(num_learners=num_learners, num_classes=num_classes, **settings)
+    if isinstance(name, str) and name in losses:
+        return losses[name]
+    close = difflib.get_close_matches(str(name), list(losses), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"loss.name must be one of {', '.join(losses)}; got {name!r}{hint}")
 
 
-@register_loss("margin", "margin loss with distance-weighted sampling (Wu et al. 2017), DCML's loss")
-def _build_margin_loss(
-    *,
-    num_learners: int,
-    num_classes: int,
-    alpha: float = DEFAULT_ALPHA,
-    beta: float = DEFAULT_BETA,
-    nu: float = DEFAULT_NU,
-    beta_mode: str = DEFAULT_BETA_MODE,
-    cutoff: float = DEFAULT_CUTOFF,
-    nonzero_loss_cutoff: float | None = None,
-) -> MetricLoss:
-    # Validate alpha and beta before they are added up for the miner's default cutoff.
-    loss = MarginLoss(alpha, beta, nu, beta_mode, num_learners, num_classes, miner=None)
-    if nonzero_loss_cutoff is None:
-        nonzero_loss_cutoff = loss.alpha + float(beta)
-    loss.miner = DistanceWeightedMiner(cutoff=cutoff, nonzero_loss_cutoff=nonzero_loss_cutoff)
-    return loss
+def build_loss(name: str, settings: LossSettings, *, num_learners: int, num_classes: int) -> MetricLoss:
+    """Build the loss registered as ``name`` from its validated ``settings`` dataclass."""
+    spec = loss_spec(name)
+    if not isinstance(settings, spec.settings):
+        raise TypeError(f"loss {name!r} takes {spec.settings.__name__}, not {type(settings).__name__}")
+    settings.validate()
+    return spec.build(settings, num_learners=num_learners, num_classes=num_classes)
 
 
-@register_loss("triplet", "triplet loss with semi-hard mining (FaceNet), the baseline")
-def _build_triplet_loss(*, num_learners: int, num_classes: int, margin: float = DEFAULT_TRIPLET_MARGIN) -> MetricLoss:
-    return TripletLoss(margin)
+def create_loss(name: str, *, num_learners: int, num_classes: int, **settings) -> MetricLoss:
+    """Build the loss registered as ``name`` from keyword settings, read and checked as
+    ``loss.settings`` of a configuration is (unknown names with a did-you-mean, types, ranges)."""
+    from dcml.config import check_finite_floats, from_dict
+
+    spec = loss_spec(name)
+    typed = from_dict(spec.settings, settings, SETTINGS_PATH)
+    check_finite_floats(typed, SETTINGS_PATH)
+    return build_loss(name, typed, num_learners=num_learners, num_classes=num_classes)
 
 
-@register_loss("pml", "any pytorch-metric-learning loss (optional dependency), optionally with a PML miner")
-def _build_pml_loss(
-    *,
-    num_learners: int,
-    num_classes: int,
-    loss_name: str,
-    miner_name: str | None = None,
-    per_learner: bool = False,
-    loss_kwargs: dict | None = None,
-    miner_kwargs: dict | None = None,
-) -> MetricLoss:
-    for setting, value in (("loss_kwargs", loss_kwargs), ("miner_kwargs", miner_kwargs)):
-        if value is not None and not isinstance(value, dict):
-            raise UserError(f"pml loss: setting {setting!r} must be a mapping, got {value!r}")
+@register_loss("margin", "margin loss with distance-weighted sampling (Wu et al. 2017), DCML's loss", MarginSettings)
+def _build_margin_loss(settings: MarginSettings, *, num_learners: int, num_classes: int) -> MetricLoss:
+    miner = DistanceWeightedMiner(cutoff=settings.cutoff, nonzero_loss_cutoff=settings.miner_cutoff())
+    return MarginLoss(settings.alpha, settings.beta, settings.nu, settings.beta_mode, num_learners, num_classes,
+                      miner=miner)
+
+
+@register_loss("triplet", "triplet loss with semi-hard mining (FaceNet), the baseline", TripletSettings)
+def _build_triplet_loss(settings: TripletSettings, *, num_learners: int, num_classes: int) -> MetricLoss:
+    return TripletLoss(settings.margin)
+
+
+@register_loss("pml", "any pytorch-metric-learning loss (optional dependency), optionally with a PML miner", PMLSettings)
+def _build_pml_loss(settings: PMLSettings, *, num_learners: int, num_classes: int) -> MetricLoss:
     return PMLLoss(
-        loss_name,
-        miner_name,
-        per_learner=per_learner,
+        settings.loss_name,
+        settings.miner_name,
+        per_learner=settings.per_learner,
         num_learners=num_learners,
         num_classes=num_classes,
-        miner_kwargs=miner_kwargs,
-        **(loss_kwargs or {}),
+        miner_kwargs=settings.miner_kwargs,
+        **settings.loss_kwargs,
     )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dcml.errors import require
 from dcml.losses.base import (
+    SETTINGS_PATH,
+    LossSettings,
     MetricLoss,
     Triplets,
     TripletMiner,
@@ -16,7 +21,15 @@ from dcml.losses.base import (
     zero_loss,
 )
 
-DEFAULT_TRIPLET_MARGIN = 0.2  # FaceNet's alpha = 0.2, on L2-normalised embeddings
+
+@dataclass(frozen=True)
+class TripletSettings(LossSettings):
+    """``loss.settings`` of the triplet loss."""
+
+    margin: float = 0.2  # FaceNet's alpha = 0.2, on L2-normalised embeddings
+
+    def validate(self) -> None:
+        require(self.margin > 0, f"{SETTINGS_PATH}margin must be > 0; got {self.margin}")
 
 
 class SemiHardMiner(TripletMiner):
@@ -28,7 +41,7 @@ class SemiHardMiner(TripletMiner):
     instead keeps *every* triplet with 0 < d(a, n) - d(a, p) <= margin; our triplets are a subset.)
     """
 
-    def __init__(self, margin: float = DEFAULT_TRIPLET_MARGIN):
+    def __init__(self, margin: float = TripletSettings.margin):
         self.margin = require_number("semi-hard miner", "margin", margin, minimum=0.0, strictly_above=True)
 
     def select_triplets(self, embeddings: torch.Tensor, labels: torch.Tensor) -> Triplets:
@@ -53,7 +66,7 @@ class TripletLoss(MetricLoss):
     differ for explicit tuples containing already-satisfied triplets. No triplet -> 0 (graph intact).
     """
 
-    def __init__(self, margin: float = DEFAULT_TRIPLET_MARGIN, miner: TripletMiner | None = None):
+    def __init__(self, margin: float = TripletSettings.margin, miner: TripletMiner | None = None):
         self.margin = require_number("triplet loss", "margin", margin, minimum=0.0, strictly_above=True)
         super().__init__(miner if miner is not None else SemiHardMiner(self.margin))
 

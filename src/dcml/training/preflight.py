@@ -71,17 +71,11 @@ def _has_positive(split: Split, cross_group: bool) -> bool:
 
 
 def create_configured_loss(config: TrainConfig, num_classes: int):
-    """The loss ``config.loss`` describes (unknown PML losses or settings fail here)."""
-    from dcml.losses import create_loss
+    """The loss ``config.loss`` describes, built through the loss registry (unknown PML losses fail here)."""
+    from dcml.losses import build_loss
 
-    lo = config.loss
-    settings = {
-        "margin": {"alpha": lo.alpha, "beta": lo.beta, "nu": lo.nu, "beta_mode": lo.beta_mode},
-        "triplet": {"margin": lo.triplet_margin},
-        "pml": {"loss_name": lo.pml_loss, "miner_name": lo.pml_miner, "per_learner": lo.pml_per_learner,
-                "loss_kwargs": lo.pml_kwargs, "miner_kwargs": lo.pml_miner_kwargs},
-    }[lo.name]
-    return create_loss(lo.name, num_learners=config.clustering.learners, num_classes=num_classes, **settings)
+    return build_loss(config.loss.name, config.loss.settings, num_learners=config.clustering.learners,
+                      num_classes=num_classes)
 
 
 def check_distributed(config: TrainConfig, under_torchrun: bool) -> None:
