@@ -16,6 +16,11 @@ score lies within float32 rounding (``TIE_TOLERANCE``) of a positive's is compar
 distances recomputed in float64, by the same code for positives and negatives, so exact duplicates
 are real ties and near-ties are ordered correctly. Excluded references (the query itself,
 references in the query's group) are neither positives nor negatives.
+
+Device: with ``device`` set, only the tile products run there (torch, full float32: TF32 is turned
+off for them); binning and every float64 re-check stay on the host, unchanged. A device's product
+differs from the host's only in summation order, which is float32 accumulation error of the size
+``TIE_TOLERANCE`` already covers, so the ranks are the same as on the host.
 """
 
 from __future__ import annotations
@@ -167,7 +172,8 @@ class _QueryState:
 class _Problem:
     """Queries, references, labels, groups and the class index, prepared once."""
 
-    def __init__(self, queries, query_labels, references, reference_labels, query_self_index, query_groups, reference_groups, rank_cap, kernel):
+    def __init__(self, queries, query_labels, references, reference_labels, query_self_index, query_groups, reference_groups, rank_cap, kernel,
+                 device=None):
         self.kernel = kernel
         self.rank_cap = rank_cap
         self.q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -189,6 +195,10 @@ class _Problem:
         self.r_sqnorm = (self.r.astype(np.float64) ** 2).sum(1).astype(np.float32)
         self.q_torch = torch.from_numpy(self.q)
         self.r_columns = torch.from_numpy(self.r).T.contiguous()  # (dims x refs): the fastest mm layout here
+        # The device path keeps its own copies there; None: products on the host, into the buffer directly.
+        self.device = None if device is None else torch.device(device)
+        if self.device is not None:
+            self.q_device, self.r_columns_device = self.q_torch.to(self.device), self.r_columns.to(self.device)
         self.q_sqnorm64 = (self.q.astype(np.float64) ** 2).sum(1)
         r_max_norm = float(np.sqrt(self.r_sqnorm.max())) if n_r else 0.0
         self.tolerance = (TIE_TOLERANCE * (np.sqrt(self.q_sqnorm64) + r_max_norm) ** 2).astype(np.float32)
@@ -239,10 +249,32 @@ class _Problem:
         torch's BLAS rather than numpy's: numpy's threads spin after a call and then fight the
         kernels' threads for the cores (measured 2x slower overall on two cores).
         """
+        if self.device is not None:
+            return self._device_dots(buffer, query_rows, ref_start, ref_end)
         queries = self.q_torch[query_rows] if isinstance(query_rows, slice) else self.q_torch[torch.from_numpy(query_rows)]
         out = buffer[: len(queries) * (ref_end - ref_start)].view(len(queries), ref_end - ref_start)
         torch.mm(queries, self.r_columns[:, ref_start:ref_end], out=out)
         return out.numpy()
+
+    def _device_dots(self, buffer: torch.Tensor, query_rows, ref_start: int, ref_end: int) -> np.ndarray:
+        rows = query_rows if isinstance(query_rows, slice) else torch.from_numpy(query_rows).to(self.device)
+        queries = self.q_device[rows]
+        out = buffer[: len(queries) * (ref_end - ref_start)].view(len(queries), ref_end - ref_start)
+        # TF32 (what "high" / "medium" matmul precision allows) has ~1e-3 relative error, far beyond
+        # TIE_TOLERANCE: the products must be full float32, whatever the caller's setting.
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            product = torch.mm(queries, self.r_columns_device[:, ref_start:ref_end])
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        out.copy_(product)  # synchronous: the kernels read the host buffer next
+        return out.numpy()
+
+    def new_buffer(self, size: int) -> torch.Tensor:
+        """The host buffer the tile products land in (page-locked for a CUDA device: faster copies)."""
+        pinned = self.device is not None and self.device.type == "cuda"
+        return torch.empty(size, dtype=torch.float32, pin_memory=pinned)
 
     def count_rows(self, dots, state: _QueryState, state_rows: np.ndarray, query_rows: np.ndarray, ref_start: int, ref_end: int) -> None:
         """Bin the negatives of a tile for the queries on its rows."""
@@ -280,7 +312,7 @@ def _run_blocks(problem: _Problem, out: dict[str, np.ndarray]) -> None:
     n_q, n_r = len(problem.q), len(problem.r)
     widest = int(problem.sizes.max(initial=1))
     block = int(np.clip(_BLOCK_BYTES // (4 * max(REFERENCE_TILE, widest * (problem.q.shape[1] + 10))), _MIN_QUERY_BLOCK, _MAX_QUERY_BLOCK))
-    buffer = torch.empty(block * min(REFERENCE_TILE, max(n_r, 1)), dtype=torch.float32)
+    buffer = problem.new_buffer(block * min(REFERENCE_TILE, max(n_r, 1)))
     for start in range(0, n_q, block):
         rows = np.arange(start, min(start + block, n_q))
         state = problem.state(rows)
@@ -298,7 +330,7 @@ def _run_blocks(problem: _Problem, out: dict[str, np.ndarray]) -> None:
 def _run_symmetric(problem: _Problem, state: _QueryState, out: dict[str, np.ndarray]) -> None:
     """Leave-one-out: every product q.r is computed once and used by both of its points."""
     n = len(problem.q)
-    buffer = torch.empty(SYMMETRIC_BLOCK * min(SYMMETRIC_BLOCK, n), dtype=torch.float32)
+    buffer = problem.new_buffer(SYMMETRIC_BLOCK * min(SYMMETRIC_BLOCK, n))
     starts = range(0, n, SYMMETRIC_BLOCK)
     for i_start in starts:
         i_end = min(i_start + SYMMETRIC_BLOCK, n)
@@ -332,16 +364,18 @@ def positive_ranks(
     reference_groups: np.ndarray | None = None,
     rank_cap: int = 1000,
     kernel: str = "auto",
+    device: str | torch.device | None = None,
 ) -> PositiveRanks:
     """Rank every query's positives among ``references`` (see the module docstring).
 
     ``query_self_index[i]`` is the row of query i inside ``references`` (leave-one-out), or -1.
     When the queries are the references (the same arrays, each query its own index), the
     problem is symmetric and each distance is computed once. ``kernel``: "numba", "torch" or
-    "auto" (numba when it imports).
+    "auto" (numba when it imports). ``device`` (e.g. "cuda"): compute the tile products there with
+    torch, the same ranks as without it (None: on the host, the default).
     """
     tile_kernel = _select_kernel(kernel)
-    problem = _Problem(queries, query_labels, references, reference_labels, query_self_index, query_groups, reference_groups, rank_cap, tile_kernel)
+    problem = _Problem(queries, query_labels, references, reference_labels, query_self_index, query_groups, reference_groups, rank_cap, tile_kernel, device)
     n_q = len(problem.q)
     out = {
         "num_positives": np.zeros(n_q, np.int64),
