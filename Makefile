@@ -36,3 +36,7 @@ env:
 ## bench-search: load_model vs trainer embedding speed, query latency, 1M x 128 vectors in every index kind (~10 min on 2 CPU cores)
 bench-search:
 	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/search.py
+
+## bench-gpu: one GPU visit: training / feature-pass / evaluation throughput to benchmarks/results/gpu_<device>.* (~8 min; --device cpu --tiny checks it)
+bench-gpu:
+	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/gpu.py $(ARGS)
