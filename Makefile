@@ -3,14 +3,18 @@
 # clone with the same dependency spec, so its editable install may point at another clone.
 SHELL := /bin/bash
 
-.PHONY: demo test bench bench-dnc bench-throughput bench-search env
+.PHONY: demo test test-all bench bench-dnc bench-throughput bench-search bench-serve bench-gpu env
 
 ## demo: build the emoji benchmark (npm, once), train K = 1 and divide and conquer, print the comparison
 demo:
 	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/dcml" demo --out runs/demo
 
-## test: run the test suite (CPU only, a few minutes)
+## test: the test suite without the heavy end-to-end checks (CPU only, under two minutes on 2 quiet cores)
 test:
+	@venv=$$(scripts/env.sh) && cd "$(CURDIR)" && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" -m pytest -q -m "not slow"
+
+## test-all: every test, the heavy end-to-end checks (demo, torchrun, real signals, benchmarks' CPU modes) too; what CI runs
+test-all:
 	@venv=$$(scripts/env.sh) && cd "$(CURDIR)" && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" -m pytest -q
 
 ## bench: evaluation speed against pytorch-metric-learning (about two minutes)

@@ -44,6 +44,7 @@ def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_clusters_and_weights_after_a_step(tiny_folder, tmp_path):
     _torchrun("step", str(tmp_path), str(tiny_folder))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -70,6 +71,7 @@ def test_two_ranks_hold_identical_clusters_and_weights_after_a_step(tiny_folder,
     assert rank0["val"] == rank1["val"]
 
 
+@pytest.mark.slow
 def test_reused_training_features_are_pooled_over_the_ranks(tiny_folder, tmp_path):
     _torchrun("bank", str(tmp_path), str(tiny_folder))
     rank0, rank1 = (torch.load(tmp_path / f"bank{r}.pt", weights_only=True) for r in (0, 1))
@@ -82,6 +84,7 @@ def test_reused_training_features_are_pooled_over_the_ranks(tiny_folder, tmp_pat
     torch.testing.assert_close(pooled[visited], rank0["fresh"][visited], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_training_writes_once_and_resumes(tiny_folder, tmp_path):
     out = tmp_path / "run"
     base = ["train", "--preset", "emoji", "--no-progress", "--out", str(out)]
