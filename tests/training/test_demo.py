@@ -15,7 +15,7 @@ from .conftest import TINY
 
 TINY_DEMO = [f"model.backbone={TINY}", "model.pretrained=false", "model.trainable_blocks=2", "model.embedding_dim=16",
              "sampler.classes_per_batch=2", "sampler.images_per_class=2", "data.image_size=16", "device=cpu",
-             "clustering.kmeans_iterations=5"]
+             "clustering.kmeans_iterations=5", "sampler.batches_per_epoch=4"]  # file shapes need no long training
 
 
 def test_demo_writes_the_documented_results(fake_npm, tmp_path, monkeypatch):
