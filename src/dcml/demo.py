@@ -23,10 +23,11 @@ import numpy as np
 
 from dcml.config import load_config
 from dcml.errors import UserError
+from dcml.evaluation.protocols import CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW
 from dcml.evaluation.paired import PAIRED_METRICS, PairedDifference, QueryScores, paired_differences, protocol_query_scores
 from dcml.io import json_text, write_atomically
 
-PROTOCOLS = ("cross_vendor", "leave_one_out")
+PROTOCOLS = (CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW)
 #: What a demo writes in its folder (besides one run folder per model, see RUN_NAMES).
 RESULT_FILES = ("results.json", "results.md", "curves.png")
 RUN_NAMES = ("baseline", "dnc")

@@ -60,8 +60,10 @@ def query_scores(embeddings: np.ndarray, labels: np.ndarray, *, groups: np.ndarr
 
 def protocol_query_scores(embeddings: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, QueryScores]:
     """Both emoji protocols' per-query scores, named as the metric rows are."""
-    return {"cross_vendor": query_scores(embeddings, labels, groups=groups),
-            "leave_one_out": query_scores(embeddings, labels)}
+    from dcml.evaluation.protocols import CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW
+
+    return {CROSS_GROUP_ROW: query_scores(embeddings, labels, groups=groups),
+            LEAVE_ONE_OUT_ROW: query_scores(embeddings, labels)}
 
 
 @dataclass(frozen=True)
