@@ -56,13 +56,23 @@ class MetricLoss(nn.Module):
 
     ``forward(embeddings, labels, indices_tuple=None, learner=0)`` returns a scalar tensor;
     ``learner`` says which learner (embedding slice) the batch belongs to, for losses that keep
-    per-learner state. After each call ``last_stats`` holds a few cheap float diagnostics.
+    per-learner state. After each call ``last_stats`` holds a few cheap float diagnostics (kept as
+    tensors until read, so training never waits for the GPU to report them).
     """
 
     def __init__(self, miner=None):
         super().__init__()
         self.miner = miner
-        self.last_stats: dict[str, float] = {}
+        self._last_stats: dict = {}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The last call's diagnostics as floats (reading them waits for the device, once)."""
+        return {key: float(value) for key, value in self._last_stats.items()}
+
+    @last_stats.setter
+    def last_stats(self, values: dict) -> None:
+        self._last_stats = dict(values)
 
     def forward(
         self,

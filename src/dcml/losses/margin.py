@@ -207,7 +207,7 @@ class MarginLoss(MetricLoss):
         anchors, positives, negatives = anchors.to(device), positives.to(device), negatives.to(device)
         betas = self.betas_for(labels[anchors], learner).to(embeddings.dtype)
         if anchors.numel() == 0:
-            self.last_stats = {"num_triplets": 0.0, "active_fraction": 0.0, "beta_mean": self.beta.mean().item()}
+            self.last_stats = {"num_triplets": 0.0, "active_fraction": 0.0, "beta_mean": self.beta.detach().mean()}
             return zero_loss(embeddings, self.beta)
 
         positive_distances = pair_distances(embeddings, anchors, positives)
@@ -226,7 +226,7 @@ class MarginLoss(MetricLoss):
                 positive_distances.detach().mean(),
                 negative_distances.detach().mean(),
             ]
-        ).tolist()
+        )  # a tensor: read (and synchronised) only if someone looks at last_stats
         self.last_stats = {
             "num_triplets": float(anchors.numel()),
             "active_fraction": stats[0],

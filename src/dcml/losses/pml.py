@@ -140,10 +140,11 @@ class PMLLoss(MetricLoss):
         if not 0 <= learner < self.num_learners:
             raise ValueError(f"learner {learner} out of range for {self.num_learners} learners")
         pml_loss = self.pml_losses[learner if self.per_learner else 0]
-        self.last_stats = {}
+        stats = {}
         if indices_tuple is not None and len(indices_tuple) == 3:
-            self.last_stats["num_triplets"] = float(len(indices_tuple[0]))
+            stats["num_triplets"] = float(len(indices_tuple[0]))
         elif indices_tuple is not None and len(indices_tuple) == 4:
-            self.last_stats["num_positive_pairs"] = float(len(indices_tuple[0]))
-            self.last_stats["num_negative_pairs"] = float(len(indices_tuple[2]))
+            stats["num_positive_pairs"] = float(len(indices_tuple[0]))
+            stats["num_negative_pairs"] = float(len(indices_tuple[2]))
+        self.last_stats = stats
         return pml_loss(embeddings, labels, indices_tuple)

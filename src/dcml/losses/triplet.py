@@ -82,6 +82,6 @@ class TripletLoss(MetricLoss):
         )
         self.last_stats = {
             "num_triplets": float(anchors.numel()),
-            "active_fraction": (terms > 0).to(terms.dtype).mean().item(),
+            "active_fraction": (terms > 0).to(terms.dtype).mean().detach(),
         }
         return terms.mean()
