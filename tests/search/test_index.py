@@ -195,3 +195,41 @@ def test_query_grid_and_threshold(tiny_run, search_folder, tmp_path, capsys):
     assert Image.open(grid).size[0] > 4 * 96
     assert main(["query", str(out), str(good), "--threshold", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["queries"][0]["match"] is False
+
+
+def test_ivf_lists_sized_once_hold_what_faiss_add_puts_there(tmp_path):
+    import faiss
+
+    x, _ = _clustered(3000, d=16)
+    x = dcml.embedding.l2_normalize(x)
+    index = build_index(tmp_path / "ivf", x, Items([f"p{i}" for i in range(len(x))]), _model_info(), "ivf",
+                        {"nlist": 20, "nprobe": 3})
+    built = faiss.extract_index_ivf(index.faiss_index)
+    reference = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 20)
+    reference.quantizer.add(built.quantizer.reconstruct_n(0, 20))
+    reference.is_trained = True
+    reference.add(x)
+    for list_no in range(20):  # same rows in every list, in the same order
+        assert built.invlists.list_size(list_no) == reference.invlists.list_size(list_no)
+        ids = faiss.rev_swig_ptr(built.invlists.get_ids(list_no), built.invlists.list_size(list_no))
+        expected = faiss.rev_swig_ptr(reference.invlists.get_ids(list_no), reference.invlists.list_size(list_no))
+        np.testing.assert_array_equal(ids, expected)
+    reference.nprobe = 3
+    _, expected_ids = reference.search(x[:50], 5)
+    np.testing.assert_array_equal(index.search(x[:50], 5).ids, expected_ids)
+
+
+def test_embeddings_file_is_a_plain_npy_written_once(tmp_path):
+    from dcml.search.storage import NpyRowWriter, npy_shape
+
+    rows = np.random.default_rng(0).normal(size=(1000, 7)).astype(np.float32)
+    writer = NpyRowWriter(tmp_path, 7)
+    for start in range(0, 1000, 300):
+        writer.append(rows[start : start + 300])
+    writer.finish(tmp_path / "e.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy", allow_pickle=False), rows)
+    assert npy_shape(tmp_path / "e.npy") == ((1000, 7), 128)
+    empty = NpyRowWriter(tmp_path, 7, name="empty")
+    empty.finish(tmp_path / "empty.npy")
+    assert np.load(tmp_path / "empty.npy", allow_pickle=False).shape == (0, 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.npy", "empty.npy"]  # no partial file left

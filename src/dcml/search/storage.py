@@ -1,14 +1,15 @@
 """Index-folder files: .npy rows streamed in and out in chunks, JSON tables, folders swapped in whole.
 
-Embeddings never need to fit in memory twice: rows are appended to a raw file and wrapped in an
-.npy header at the end, and read back chunk by chunk with plain file reads (no memory map, whose
-pages would count against the process). Nothing here unpickles: ``.npy`` files are read only as
+Embeddings never need to fit in memory: rows are appended to an .npy file behind a reserved header
+(filled in at the end), and read back chunk by chunk with plain file reads (no memory map, whose
+touched pages would count against the process). Nothing here unpickles: ``.npy`` files are read only as
 plain float32 with ``allow_pickle`` never involved, tables are JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -23,32 +24,52 @@ from dcml.errors import UserError
 CHUNK_ROWS = 65536
 
 
-class NpyRowWriter:
-    """Append float32 rows of width ``dimension``; :meth:`finish` writes the ``.npy`` file."""
+#: Bytes reserved for the .npy header written before the rows: numpy's own 1.0 header, padded to 64-byte
+#: alignment, is 128 bytes for every float32 N x D shape up to 20-digit sizes.
+_HEADER_BYTES = 128
 
-    def __init__(self, folder: Path, dimension: int):
+
+class NpyRowWriter:
+    """Append float32 rows of width ``dimension``; :meth:`finish` names the ``.npy`` file.
+
+    Rows go straight after a header reserved at the start of the file, and :meth:`finish` rewrites
+    that header with the final row count and renames the file: the rows are written once, never
+    copied, and never held in memory."""
+
+    def __init__(self, folder: Path, dimension: int, name: str = "embeddings"):
         self.dimension = int(dimension)
-        self.raw = folder / "embeddings.raw"
-        self._stream = open(self.raw, "xb")  # noqa: SIM115 - closed in finish()
+        self.partial = folder / f".{name}.partial.npy"
+        self._stream = open(self.partial, "xb")  # noqa: SIM115 - closed in finish()
+        self._stream.write(_npy_header(0, self.dimension))
         self.count = 0
 
     def append(self, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.dimension:
             raise UserError(f"embeddings of shape {rows.shape} do not have dimension {self.dimension}")
-        self._stream.write(rows.tobytes())
+        self._stream.write(rows.data)
         self.count += len(rows)
 
     def finish(self, path: Path) -> None:
+        if os.path.lexists(path):  # never replaces a file (builds write into fresh folders)
+            raise FileExistsError(f"{path} exists")
+        self._stream.seek(0)
+        self._stream.write(_npy_header(self.count, self.dimension))
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
         self._stream.close()
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                  "shape": (self.count, self.dimension)}
-        with open(path, "xb") as out, open(self.raw, "rb") as raw:
-            np.lib.format.write_array_header_2_0(out, header)
-            shutil.copyfileobj(raw, out, 1 << 24)
-            out.flush()
-            os.fsync(out.fileno())
-        self.raw.unlink()
+        os.replace(self.partial, path)
+
+
+def _npy_header(count: int, dimension: int) -> bytes:
+    """numpy's 1.0 header of a C-order float32 ``count x dimension`` array, always ``_HEADER_BYTES`` long."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                  "fortran_order": False, "shape": (int(count), int(dimension))})
+    header = buffer.getvalue()
+    if len(header) != _HEADER_BYTES:  # only for shapes of more than 20 digits: a programming error, not the user's
+        raise RuntimeError(f".npy header of {len(header)} bytes for shape ({count}, {dimension})")
+    return header
 
 
 def npy_shape(path: Path) -> tuple[tuple[int, ...], int]:
