@@ -90,10 +90,11 @@ def _embedding_arguments(parser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar on stderr")
 
 
-def load_cli_model(path: Path, args: argparse.Namespace):
+def load_cli_model(path: Path, args: argparse.Namespace, *, device: str | None = None, progress: bool | None = None):
     from dcml.inference import load_model
 
-    return load_model(path, device=args.device, batch_size=args.batch_size, num_workers=args.workers, progress=args.progress)
+    return load_model(path, device=device or args.device, batch_size=args.batch_size, num_workers=args.workers,
+                      progress=args.progress if progress is None else progress)
 
 
 def _items_to_embed(args: argparse.Namespace, model):
@@ -126,6 +127,16 @@ def embed_into(builder, model, paths):
     return model.embed_paths_tolerant(paths, sink=lambda rows: builder.append(l2_normalize(rows))).readable
 
 
+def _one_process(command: str) -> None:
+    """Commands that replace an index folder: under torchrun every rank would race to replace it."""
+    from dcml.errors import UserError
+    from dcml.training.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise UserError(f"dcml index {command} runs as one process; under torchrun only dcml index build "
+                        "shares its embedding out over the ranks")
+
+
 def _skipped_note(paths, readable) -> str:
     bad = [str(paths[i]) for i in range(len(paths)) if not readable[i]]
     if not bad:
@@ -135,15 +146,43 @@ def _skipped_note(paths, readable) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from dcml.search.index import IndexBuilder, Items, model_description, refuse_replacing
+    """Under torchrun each rank embeds its shard of the images and rank 0 builds the index (see dcml.search.sharded)."""
+    import torch._dynamo  # noqa: F401 - see below
 
-    refuse_replacing(args.out.expanduser(), args.overwrite)
+    from dcml.training import distributed
+
+    # Imported before the process group exists: torch._dynamo (which torchvision and timm import)
+    # keeps references to a group that exists when it is first imported, so teardown could not stop
+    # gloo's threads, and a rank whose thread released a tensor during interpreter shutdown aborted.
+    dist = distributed.setup(args.device)  # a plain run: a single rank, no process group
+    try:
+        return _build_on(args, dist)
+    finally:
+        distributed.teardown()
+
+
+def _build_on(args: argparse.Namespace, dist) -> int:
+    import contextlib
+
+    from dcml.search.index import IndexBuilder, Items, model_description, refuse_replacing
+    from dcml.search.sharded import check_same_list, embed_sharded, every_rank
+
+    out = args.out.expanduser()
+    every_rank(dist, lambda: refuse_replacing(out, args.overwrite) if dist.is_main else None)
     params = kind_parameters(args)
-    model = load_cli_model(args.model, args)
-    paths, labels, groups, source = _items_to_embed(args, model)
-    with IndexBuilder(args.out, model.dimension, overwrite=args.overwrite) as builder:
-        readable = embed_into(builder, model, paths)
-        items = Items([Path(p).expanduser().resolve() for p in paths], labels, groups).select(readable)
+    # Under torchrun each rank takes the GPU of its LOCAL_RANK (distributed.setup made it current).
+    device = f"cuda:{dist.local_rank}" if dist.enabled and args.device.startswith("cuda") else args.device
+    model = every_rank(dist, lambda: load_cli_model(args.model, args, device=device, progress=args.progress and dist.is_main))
+    paths, labels, groups, source = every_rank(dist, lambda: _items_to_embed(args, model))
+    # One list of strings, embedded and indexed: a Path object a file would cost several times more.
+    paths = [str(Path(p).expanduser().resolve()) for p in paths]
+    check_same_list(dist, paths, source)
+    builder = every_rank(dist, lambda: IndexBuilder(out, model.dimension, overwrite=args.overwrite) if dist.is_main else None)
+    with builder if builder is not None else contextlib.nullcontext():
+        readable = embed_sharded(dist, builder, model, paths)
+        if not dist.is_main:
+            return 0  # rank 0 builds and reports the index
+        items = Items(paths, labels, groups).select(readable)
         index = builder.finish(items, model_description(model), args.kind, params)
     print(f"indexed {len(index)} images of {source} -> {index.folder} ({_describe(index)})"
           f"{_skipped_note(paths, readable)}")
@@ -162,8 +201,9 @@ def _describe(index) -> str:
 
 def _add(args: argparse.Namespace) -> int:
     from dcml.inference import list_images
-    from dcml.search.index import Index, Items, add_to_index
+    from dcml.search.index import Index, Items, extend_index
 
+    _one_process("add")
     index = Index.load(args.index)
     model = load_cli_model(args.model, args) if args.model is not None else None
     if model is not None:
@@ -172,18 +212,23 @@ def _add(args: argparse.Namespace) -> int:
         model = index.model()  # the checkpoint the manifest names, checksum checked
         model.progress, model.num_workers = args.progress, args.workers
     known = set(index.items.paths)
-    candidates = [p.resolve() for p in list_images(args.images)]
-    new = [p for p in candidates if str(p) not in known]
+    candidates = [str(p.resolve()) for p in list_images(args.images)]
+    new = [p for p in candidates if p not in known]
     already = len(candidates) - len(new)
     if not new:
         print(f"nothing to add: all {already} images under {args.images} are already in {index.folder}")
         return 0
-    embedded = model.embed_paths_tolerant(new)
-    items = Items(new).select(embedded.readable)
-    if len(items):
-        index = add_to_index(index, embedded.embeddings, items)
-    print(f"added {len(items)} images to {index.folder} ({len(index)} items now; {already} already indexed, skipped)"
-          f"{_skipped_note(new, embedded.readable)}")
+    index.drop_faiss_index()  # the new index is built from embeddings.npy and the new rows
+    readable = []
+
+    def append(builder) -> Items:
+        readable.append(embed_into(builder, model, new))
+        return Items(new).select(readable[0])
+
+    index = extend_index(index, append)
+    added = int(readable[0].sum())
+    print(f"added {added} images to {index.folder} ({len(index)} items now; {already} already indexed, skipped)"
+          f"{_skipped_note(new, readable[0])}")
     return 0
 
 
@@ -207,7 +252,9 @@ def _info(args: argparse.Namespace) -> int:
 def _rebuild(args: argparse.Namespace) -> int:
     from dcml.search.index import Index, rebuild_index
 
+    _one_process("rebuild")
     source = Index.load(args.index)
+    source.drop_faiss_index()  # rebuilt from embeddings.npy: one faiss index in memory
     index = rebuild_index(source, args.out, args.kind, kind_parameters(args), overwrite=args.overwrite)
     print(f"rebuilt {len(index)} items of {source.folder} -> {index.folder} ({_describe(index)})")
     return 0
