@@ -73,7 +73,7 @@ def test_val_split_sizes():
     sizes = {n: {k: len(v) for k, v in split_classes([f"c{i:03d}" for i in range(n)]).items()} for n in (4, 7, 200)}
     assert sizes[4] == {"train": 2, "test": 2}  # too few classes for a val split
     assert sizes[7] == {"train": 2, "val": 2, "test": 3}
-    assert sizes[200] == {"train": 80, "val": 20, "test": 100}
+    assert sizes[200] == {"train": 85, "val": 15, "test": 100}  # data.validation_fraction's default, 0.15
     assert "val" not in split_classes(TEN, val_fraction=0)
 
 
@@ -176,3 +176,20 @@ def test_cli_data_info_folder(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["classes"] == 10 and info["images"] == 20
     assert info["splits"]["test"] == {"classes": 5, "images": 10}
+
+
+def test_a_run_on_a_flat_folder_holds_out_the_configured_share(tmp_path):
+    from dcml.config import load_config
+    from dcml.training.datasets import prepare_dataset
+
+    for c in range(40):
+        folder = tmp_path / "flat" / f"class{c:02d}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            (folder / f"{i}.png").write_bytes(b"")  # the reader lists files; nothing is decoded here
+    shares = {}
+    for fraction in (0.15, 0.5):
+        config = load_config("emoji", ["data.dataset=folder", f"data.root={tmp_path / 'flat'}", f"data.validation_fraction={fraction}"])
+        dataset = prepare_dataset(config)
+        shares[fraction] = len(set(dataset.split("val").labels.tolist()))
+    assert shares == {0.15: 3, 0.5: 10}  # of the 20 non-test classes

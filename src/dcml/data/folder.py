@@ -37,8 +37,15 @@ EVALUATION = EvaluationSpec(Protocol.LEAVE_ONE_OUT, (1, 2, 4, 8), ("test",))
 MAX_LISTED_CLASSES = 50  # class names go into `dcml data info` up to this many
 
 
+def _default_val_fraction() -> float:
+    """The configuration's ``data.validation_fraction`` default: one home for the share of classes held out."""
+    from dcml.config import DataConfig
+
+    return DataConfig.validation_fraction
+
+
 def split_classes(
-    class_names: list[str], *, rule: str = "shuffled_halves", seed: int = 0, val_fraction: float = 0.2
+    class_names: list[str], *, rule: str = "shuffled_halves", seed: int = 0, val_fraction: float | None = None
 ) -> dict[str, list[str]]:
     """Split class names class-disjointly into train / val / test (each list sorted).
 
@@ -47,6 +54,7 @@ def split_classes(
     (retrieval needs 2 classes), unless that would leave train with fewer than 2 classes or
     ``val_fraction`` is 0 (then there is no val split).
     """
+    val_fraction = _default_val_fraction() if val_fraction is None else val_fraction
     if rule not in SPLIT_RULES:
         raise DatasetError(f"folder: unknown split rule {rule!r}; choose one of: {', '.join(SPLIT_RULES)}")
     if not 0 <= val_fraction < 1:
@@ -89,7 +97,7 @@ def _read_classes(folder: Path) -> dict[str, list[Path]]:
     "folder",
     "any images: ROOT/<class>/*.jpg (split by class: train/val/test) or ROOT/{train,test[,val]}/<class>/*.jpg",
 )
-def load_folder(root: Path, *, rule: str = "shuffled_halves", seed: int = 0, val_fraction: float = 0.2) -> Dataset:
+def load_folder(root: Path, *, rule: str = "shuffled_halves", seed: int = 0, val_fraction: float | None = None) -> Dataset:
     """Read a folder-per-class dataset (see the module docstring); the split options apply to the flat layout."""
     root = Path(os.path.abspath(root))
     top = _subfolders(root)
@@ -123,6 +131,7 @@ def load_folder(root: Path, *, rule: str = "shuffled_halves", seed: int = 0, val
         )
     else:
         classes = _read_classes(root)
+        val_fraction = _default_val_fraction() if val_fraction is None else val_fraction
         assignment = split_classes(list(classes), rule=rule, seed=seed, val_fraction=val_fraction)
         per_split = {name: {c: classes[c] for c in names} for name, names in assignment.items()}
         extra_info = {

@@ -32,7 +32,16 @@ def prepare_dataset(config: TrainConfig) -> Dataset:
     configuration's Recall@K list (``evaluation.recall_ks``) in its evaluation spec."""
     from dcml.data import load_dataset
 
-    dataset = load_dataset(config.data.dataset, Path(config.data.root).expanduser() if config.data.root else None)
+    import inspect
+
+    from dcml.data import available_datasets
+
+    options = {}
+    reader = available_datasets().get(config.data.dataset)
+    if reader is not None and "val_fraction" in inspect.signature(reader.load).parameters:
+        # A reader that carves its own validation classes (a flat folder) carves the configured share.
+        options["val_fraction"] = config.data.validation_fraction
+    dataset = load_dataset(config.data.dataset, Path(config.data.root).expanduser() if config.data.root else None, **options)
     if config.evaluation.recall_ks is not None:
         spec = dataclasses.replace(dataset.evaluation, recall_ks=tuple(config.evaluation.recall_ks))
         dataset = dataclasses.replace(dataset, evaluation=spec)
