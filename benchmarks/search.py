@@ -2,7 +2,7 @@
 and 1,000,000 x 128 synthetic clustered vectors indexed by every kind (build time, memory,
 queries/s, Recall@10 against exact search). Ratios and figures from one run; not a timed test.
 
-    make bench-search            # about 10 minutes on 2 CPU cores
+    make bench-search            # about 15 minutes on 2 CPU cores
     python benchmarks/search.py --vectors 200000   # quicker
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+#: HNSW's search beam is a search-time setting: one built graph is measured at each of these.
+EF_SEARCH_SWEEP = (64, 128, 256, 512)
 
 
 def _percentiles(seconds: list[float]) -> str:
@@ -129,14 +131,15 @@ def child_build(vectors: Path, out: Path, kind: str) -> dict:
     baseline = _reset_peak()
     start = time.perf_counter()
     with IndexBuilder(out, dimension) as builder:
-        for chunk in iter_npy_rows(vectors):
-            builder.append(chunk)
+        _append_all(builder, vectors)
         index = builder.finish(Items([f"v{i}" for i in range(count)]), {"checkpoint": "synthetic", "sha256": "0" * 64}, kind)
     build = time.perf_counter() - start
     peak = _status_mb("VmHWM") - baseline
+    held = _status_mb("VmRSS") - baseline  # the finished index and its items table, as Index.load returns them
+    del index
     index = Index.load(out)
     rng = np.random.default_rng(1)
-    queries = np.concatenate([c for c in iter_npy_rows(vectors, 1000)][:1])[:1000]
+    queries = next(iter_npy_rows(vectors, 1000))  # the first 1,000 rows, perturbed below
     queries = queries + 0.05 * rng.normal(size=queries.shape).astype(np.float32)
     index.search(queries[:10], 10)  # warm-up
     start = time.perf_counter()
@@ -148,9 +151,30 @@ def child_build(vectors: Path, out: Path, kind: str) -> dict:
         index.search(q[None], 10)
         single.append(time.perf_counter() - t)
     np.save(out.parent / f"{kind}.ids.npy", result.ids, allow_pickle=False)
+    sweep = []
+    if kind == "hnsw":
+        for ef in EF_SEARCH_SWEEP:
+            index.faiss_index.hnsw.efSearch = ef
+            index.search(queries[:10], 10)
+            start = time.perf_counter()
+            found = index.search(queries, 10)
+            sweep.append({"ef_search": ef, "qps": len(queries) / (time.perf_counter() - start)})
+            np.save(out.parent / f"hnsw.ef{ef}.ids.npy", found.ids, allow_pickle=False)
     return {"kind": kind, "parameters": index.manifest["parameters"], "build_s": build, "peak_mb": peak,
-            "qps": len(queries) / batch_seconds, "single": _percentiles(single),
-            "recall_sampled": index.manifest["recall_at_10"]}
+            "held_mb": held, "qps": len(queries) / batch_seconds, "single": _percentiles(single),
+            "recall_sampled": index.manifest["recall_at_10"], "sweep": sweep}
+
+
+def _append_all(builder, vectors: Path) -> None:
+    """The rows, chunk by chunk, as a model's batches would arrive (no chunk outlives the loop)."""
+    from dcml.search.storage import iter_npy_rows
+
+    for chunk in iter_npy_rows(vectors):
+        builder.append(chunk)
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
 
 
 def vector_figures(work: Path, count: int, dimension: int, kinds=KINDS) -> list[str]:
@@ -166,13 +190,16 @@ def vector_figures(work: Path, count: int, dimension: int, kinds=KINDS) -> list[
     exact = np.load(work / "flat.ids.npy")
     for kind in kinds:
         r = rows[kind]
-        found = np.load(work / f"{kind}.ids.npy")
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+        recall = _recall(np.load(work / f"{kind}.ids.npy"), exact)
         params = " ".join(f"{k}={v}" for k, v in r["parameters"].items()) or "exact"
         lines.append(f"  {kind:<6} ({params}): build {r['build_s']:.1f} s, peak +{r['peak_mb']:.0f} MB "
-                     f"({r['peak_mb'] / raw_mb:.2f}x raw), {r['qps']:.0f} queries/s batched "
+                     f"({r['peak_mb'] / raw_mb:.2f}x raw; {r['held_mb'] / raw_mb:.2f}x resident after), {r['qps']:.0f} queries/s batched "
                      f"({r['qps'] / rows['flat']['qps']:.1f}x exact), single query {r['single']}, "
                      f"Recall@10 vs exact {recall:.3f} (build-time sample {r['recall_sampled']:.3f})")
+        for point in r["sweep"]:
+            found = np.load(work / f"hnsw.ef{point['ef_search']}.ids.npy")
+            lines.append(f"         same graph, ef_search={point['ef_search']}: {point['qps']:.0f} queries/s batched "
+                         f"({point['qps'] / rows['flat']['qps']:.1f}x exact), Recall@10 vs exact {_recall(found, exact):.3f}")
     return lines
 
 
@@ -198,8 +225,9 @@ def main() -> int:
             lines += model_figures(work, args.image_size)
             print("\n".join(lines), flush=True)
         kinds = tuple(dict.fromkeys(["flat", *args.kinds.split(",")]))
+        printed = len(lines) if not args.skip_model else 0  # the model's figures are already out
         lines += vector_figures(work, args.vectors, args.dimension, kinds)
-    print("\n".join(lines[-(len(kinds) + 1):]) if not args.skip_model else "\n".join(lines))
+    print("\n".join(lines[printed:]))
     return 0
 
 

@@ -22,7 +22,10 @@ def register(subparsers) -> None:
     build = commands.add_parser("build", help="embed images with a trained model and index them",
                                 description="Embed a folder (--images) or a dataset split with a trained model and "
                                 "write an index folder. Exact search (--kind flat) is the default and ranks as "
-                                "evaluation does; approximate kinds report their measured Recall@10 against exact search.")
+                                "evaluation does; approximate kinds report their measured Recall@10 against exact search. Under "
+                                "torchrun (torchrun --nproc_per_node N -m dcml index build ... --device cuda) each rank "
+                                "embeds its share of the images on GPU LOCAL_RANK and rank 0 builds the one index; on "
+                                "several nodes --out must be on a file system every node shares.")
     build.add_argument("--model", type=Path, required=True, metavar="RUN", help="trained run folder or dcml checkpoint")
     _source_arguments(build)
     build.add_argument("--out", type=Path, required=True, metavar="INDEX", help="index folder to write")
@@ -63,7 +66,7 @@ def _kind_arguments(parser) -> None:
     parser.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivf", "ivfpq"),
                         help="flat: exact (default); hnsw / ivf / ivfpq: approximate, faster on large collections")
     parser.add_argument("--m", type=int_in_range(2, 256, "hnsw neighbours in 2..256"), default=None, help="hnsw: neighbours per node (default 16)")
-    parser.add_argument("--ef-construction", type=int_in_range(1, 4096, "a beam width in 1..4096"), default=None, help="hnsw: build beam width (default 40)")
+    parser.add_argument("--ef-construction", type=int_in_range(1, 4096, "a beam width in 1..4096"), default=None, help="hnsw: build beam width (default 80)")
     parser.add_argument("--ef-search", type=int_in_range(1, 4096, "a beam width in 1..4096"), default=None, help="hnsw: search beam width (default 128)")
     parser.add_argument("--nlist", type=int_in_range(1, 1 << 20, "a number of lists in 1..1048576"), default=None, help="ivf/ivfpq: inverted lists (default ~sqrt(N))")
     parser.add_argument("--nprobe", type=int_in_range(1, 1 << 20, "a number of lists in 1..1048576"), default=None, help="ivf/ivfpq: lists visited per query (default 16)")

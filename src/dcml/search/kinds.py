@@ -27,7 +27,7 @@ def default_parameters(kind: str, count: int, dimension: int) -> dict:
     if kind == "flat":
         return {}
     if kind == "hnsw":
-        return {"m": 16, "ef_construction": 40, "ef_search": 128}
+        return {"m": 16, "ef_construction": 80, "ef_search": 128}
     nlist = max(1, min(int(round(math.sqrt(count))), count // 39 or 1))
     params = {"nlist": nlist, "nprobe": min(nlist, 16)}
     if kind == "ivfpq":
