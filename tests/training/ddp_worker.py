@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import conftest  # noqa: E402  (registers the tiny backbone)
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402,F401 - before any process group (see dcml.cli.train)
 
 
 def one_step(out: Path, root: Path) -> None:

@@ -184,6 +184,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
 
     r = config.runtime
+    # Before the process group exists: torch._dynamo (which torchvision and timm import) keeps a
+    # reference to a group created earlier, and gloo's threads then cannot stop at exit (SIGABRT).
+    import torch._dynamo  # noqa: F401
+
     dist = distributed.setup(config.device, r.distributed_backend, r.distributed_timeout_minutes)
     try:
         return _run_training(args, config, resume_payload, dist)
