@@ -150,3 +150,17 @@ def test_excluded_queries_are_mentioned(arrays, capsys, tmp_path):
     np.save(tmp_path / "lonely.npy", labels)
     code, out, _ = run(capsys, "metrics", "--embeddings", arrays["e"], "--labels", tmp_path / "lonely.npy", "--no-nmi")
     assert code == 0 and "1 queries without a positive reference are left out" in out
+
+
+def test_plot_never_replaces_a_file_unasked(tmp_path, capsys):
+    from dcml.cli import main
+
+    np.save(tmp_path / "E.npy", np.random.default_rng(0).random((20, 4)).astype(np.float32))
+    np.save(tmp_path / "L.npy", np.repeat(np.arange(5), 4))
+    (tmp_path / "plot.png").write_text("mine")
+    args = ["metrics", "--embeddings", str(tmp_path / "E.npy"), "--labels", str(tmp_path / "L.npy"), "--no-nmi",
+            "--plot", str(tmp_path / "plot.png")]
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "plot.png").read_text() == "mine"
+    assert main([*args, "--overwrite"]) == 0
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"), help="k-means backend for NMI")
     parser.add_argument("--seed", type=seed_int, default=DEFAULT_KMEANS_SEED, help="k-means seed for NMI (default: %(default)s, faiss's own)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     parser.add_argument("--plot", type=Path, default=None, help="also draw the Recall@K curve for K = 1..max(--ks) (.png or .pdf)")
     parser.set_defaults(handler=_run)
 
@@ -72,6 +73,10 @@ def _run(args: argparse.Namespace) -> int:
     groups = load_array(args.groups, "groups") if args.groups else None
     if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf"):
         raise UserError(f"--plot must name a .png or .pdf file, got {args.plot}")
+    if args.plot is not None:
+        from dcml.io import refuse_to_overwrite
+
+        refuse_to_overwrite([args.plot], args.overwrite, what="Recall@K plot")
     result, ranks = evaluate_with_ranks(
         embeddings,
         labels,
