@@ -169,3 +169,14 @@ def fake_npm(monkeypatch, fake_tarballs) -> FakeNpm:
 def emoji_fakes() -> SimpleNamespace:
     """The fake-package helpers, for tests that need a variant of the fake set."""
     return SimpleNamespace(make_tarballs=make_fake_tarballs, FakeNpm=FakeNpm, fillers=FILLERS)
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """For tests of tiny tensors: a second intra-op thread only adds contention on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """The tensors here are tiny: a second thread only adds contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_tensors(one_intra_op_thread):
+    """The tensors here are tiny: one intra-op thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)

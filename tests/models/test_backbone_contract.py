@@ -44,13 +44,7 @@ def backbone_named(name: str) -> Backbone:
     return backbone
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """The batches here are tiny: a second thread only adds contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny batches (tests/conftest.py)
 
 
 def images() -> torch.Tensor:

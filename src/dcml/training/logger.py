@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-#: The TensorBoard event folder inside a run folder.
-TENSORBOARD_DIR = "tensorboard"  # run_files.EVENTS names the same folder
+from dcml.training.run_files import TENSORBOARD_DIR  # the folder run_files counts among a run's files
 
 
 class RunLogger:

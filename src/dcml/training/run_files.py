@@ -11,15 +11,16 @@ from dcml.errors import UserError
 RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "best.pt", "metrics.json")
 
 
-#: TensorBoard's event files of a run (see dcml.training.logger), in this sub-folder.
-EVENTS = ("tensorboard", "events.out.tfevents.*")
+#: TensorBoard's event files of a run (see dcml.training.logger): the sub-folder and their name pattern.
+TENSORBOARD_DIR = "tensorboard"
+EVENT_FILES = "events.out.tfevents.*"
 
 
 def existing_run_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     found = [folder / name for name in RUN_FILES if (folder / name).exists() or (folder / name).is_symlink()]
-    events = folder / EVENTS[0]
-    return found + (sorted(events.glob(EVENTS[1])) if events.is_dir() else [])
+    events = folder / TENSORBOARD_DIR
+    return found + (sorted(events.glob(EVENT_FILES)) if events.is_dir() else [])
 
 
 def clear_run_files(folder: Path) -> None:

@@ -373,10 +373,11 @@ class Trainer:
             progress = EpochProgress.start(plan.epoch, record, plan.active_learners)
         if progress.trained:  # resumed after this epoch's batches, before its validation
             self.feature_bank = progress.bank
+            summary = self._epoch_summary(progress)
         else:
-            self.train_epoch(plan, progress)
+            summary = self.train_epoch(plan, progress)  # its summary: gathering it again would repeat a collective
         record = progress.record
-        record.update(self._epoch_summary(progress))
+        record.update(summary)
         self.timings["train"] += progress.train_seconds
         self.timings["data_wait"] += progress.data_wait
         record["images_per_second"] = record["images"] / max(progress.train_seconds, 1e-9)
