@@ -11,7 +11,7 @@ a. training images/s of the preset's step (cub200: ResNet-50, 224 px, batch 20 x
    ``runtime.compile``, a plain float32 loop (both from ``benchmarks/throughput.py``), and the
    device data path (``dcml.training.device_inputs``: JPEG bytes decoded and augmented on the
    device); with the share of step time spent waiting for data;
-b. the re-clustering feature pass (``dcml.embedding.run_over_batches``, no gradients) images/s;
+b. the re-clustering feature pass (``dcml.model_runner.run_over_batches``, no gradients) images/s;
 c. the exact rank engine at SOP size (60,502 x 128, leave-one-out, Recall@1/10/100/1000, MAP@R)
    with the tile products on the host vs on the device; the ranks must be identical;
 d. (``--with-study`` only) the emoji K = 1 vs divide and conquer study, the remaining time.
@@ -205,7 +205,7 @@ def section_training(report, args, size, device, folder: Path) -> None:
 
 
 def section_features(report, args, size, device) -> None:
-    from dcml.embedding import run_over_batches
+    from dcml.model_runner import run_over_batches
     from dcml.models.embedding_model import build_model
     from dcml.training.device import autocast_for
 

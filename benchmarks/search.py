@@ -115,7 +115,7 @@ def _status_mb(field: str) -> float:
 
 def _reset_peak() -> float:
     """Current resident memory, with the kernel's peak (VmHWM) reset to it (Linux: clear_refs 5)."""
-    import dcml.embedding  # noqa: F401 - torch and faiss loaded before the baseline, not counted as the build's
+    import dcml.model_runner  # noqa: F401 - torch and faiss loaded before the baseline, not counted as the build's
     import faiss  # noqa: F401
 
     Path("/proc/self/clear_refs").write_text("5")

@@ -161,7 +161,7 @@ def test_seed_flags_have_the_configurations_range(tmp_path, capsys, command, see
 
 # ---------------------------------------------------------------------------- JSON output
 def test_json_text_writes_null_for_non_finite_numbers(tmp_path):
-    from dcml.io import json_text, save_json_atomically
+    from dcml.atomic_files import json_text, save_json_atomically
 
     payload = {"a": float("nan"), "b": [np.float32("inf"), 1.5, np.int64(3)], "c": {"d": -math.inf}, "e": "nan", "f": np.bool_(True)}
     expected = {"a": None, "b": [None, 1.5, 3], "c": {"d": None}, "e": "nan", "f": True}

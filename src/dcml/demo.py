@@ -25,7 +25,7 @@ from dcml.config import load_config
 from dcml.errors import UserError
 from dcml.evaluation.protocols import CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW
 from dcml.evaluation.paired import PAIRED_METRICS, PairedDifference, QueryScores, paired_differences, protocol_query_scores
-from dcml.io import json_text, write_atomically
+from dcml.atomic_files import json_text, write_atomically
 
 PROTOCOLS = (CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW)
 #: What a demo writes in its folder (besides one run folder per model, see RUN_NAMES).
@@ -156,7 +156,7 @@ def run_demo(out: Path, *, quick: bool = False, learners: int = DEFAULT_DNC_LEAR
 
 def split_query_scores(embeddings: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, QueryScores]:
     """Both protocols' per-query scores of a test split's embedding, normalised as the evaluation does."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     return protocol_query_scores(l2_normalize(embeddings), labels, groups)
 

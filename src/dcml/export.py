@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from dcml.errors import MissingDependencyError, UserError
-from dcml.io import write_atomically
+from dcml.atomic_files import write_atomically
 
 FORMATS = ("onnx", "torchscript")
 #: Largest max-abs difference between the export and load_model on the check batch.
@@ -92,7 +92,7 @@ def check_images(size: int, count: int, seed: int = 0) -> list[Image.Image]:
 def export_model(run: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False, echo=print) -> ExportReport:
     """Export ``run`` to ``out``; the file is written only if it matches load_model within the tolerance."""
     from dcml.inference import load_model
-    from dcml.io import refuse_to_overwrite
+    from dcml.atomic_files import refuse_to_overwrite
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

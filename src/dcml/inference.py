@@ -4,7 +4,7 @@ A checkpoint holds every weight (backbone included) and the run's configuration,
 rebuilt with the backbone's pretrained weights switched off (no ImageNet file, no network), the
 checkpoint's state dict loaded strictly, and the run's test-time transform and image size. What it
 returns for an image is the normalised concatenation of the active learners, computed by the same
-forward as the trainer's feature pass and through :func:`dcml.embedding.run_over_batches`.
+forward as the trainer's feature pass and through :func:`dcml.model_runner.run_over_batches`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from dcml.data.records import Split
-from dcml.embedding import paths_loader, run_over_batches, split_loader
+from dcml.model_runner import paths_loader, run_over_batches, split_loader
 from dcml.errors import UserError
 
 #: The checkpoint ``load_model(RUN_DIR)`` prefers: the epoch model selection picked.

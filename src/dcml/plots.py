@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcml.io import write_atomically
+from dcml.atomic_files import write_atomically
 
 
 def plot_recall_curves(curves: dict[str, np.ndarray], path: Path, *, title: str = "Recall@K") -> None:

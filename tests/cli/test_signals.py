@@ -7,14 +7,14 @@ import signal
 
 import numpy as np
 
-from dcml import io
+from dcml import atomic_files
 from dcml.cli import main
 
 
 def test_sigterm_during_a_write_leaves_no_temporary_and_says_so(tmp_path, monkeypatch, capsys):
     np.save(tmp_path / "E.npy", np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32))
     np.save(tmp_path / "L.npy", np.repeat(np.arange(5), 4))
-    original = io.write_atomically
+    original = atomic_files.write_atomically
 
     def killed_mid_write(writers):
         def write_then_die(stream, write):

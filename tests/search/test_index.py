@@ -49,7 +49,7 @@ def test_exact_search_ranks_as_evaluation_does_with_ties():
     x[50] = x[10]  # exact duplicates: ties must break by index, as evaluation's stable order
     x[51] = x[10]
     x[200] = x[199]
-    ranks = retrieval_ranks(dcml.embedding.l2_normalize(x), labels, max_k=20)
+    ranks = retrieval_ranks(dcml.model_runner.l2_normalize(x), labels, max_k=20)
     ids, _ = nearest_neighbours(x, x, 20, exclude=np.arange(len(x)))
     for q in range(len(x)):
         hits = np.flatnonzero(labels[ids[q]] == labels[q])
@@ -201,7 +201,7 @@ def test_ivf_lists_sized_once_hold_what_faiss_add_puts_there(tmp_path):
     import faiss
 
     x, _ = _clustered(3000, d=16)
-    x = dcml.embedding.l2_normalize(x)
+    x = dcml.model_runner.l2_normalize(x)
     index = build_index(tmp_path / "ivf", x, Items([f"p{i}" for i in range(len(x))]), _model_info(), "ivf",
                         {"nlist": 20, "nprobe": 3})
     built = faiss.extract_index_ivf(index.faiss_index)

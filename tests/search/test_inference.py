@@ -11,7 +11,7 @@ from PIL import Image
 
 import dcml
 from dcml.cli import main
-from dcml.embedding import l2_normalize
+from dcml.model_runner import l2_normalize
 from dcml.errors import UserError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 
 
 def _fraction(text: str) -> float:
@@ -65,7 +65,7 @@ def run_calibration(model, split, precisions) -> tuple[dict, object]:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from dcml.inference import load_model
-    from dcml.io import refuse_to_overwrite, save_json_atomically
+    from dcml.atomic_files import refuse_to_overwrite, save_json_atomically
     from dcml.search.calibration import plot_precision_recall
     from dcml.search.index import CALIBRATION_FILE, Index
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 
 
 def register(subparsers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 
 
 def register(subparsers) -> None:
@@ -57,7 +57,7 @@ def _dedup(args: argparse.Namespace) -> int:
     import sys
 
     from dcml.inference import list_images, load_model
-    from dcml.io import refuse_to_overwrite, save_json_atomically
+    from dcml.atomic_files import refuse_to_overwrite, save_json_atomically
     from dcml.search.dedup import duplicate_groups, duplicates_by_file
 
     if args.out is not None:

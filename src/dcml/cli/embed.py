@@ -60,7 +60,7 @@ def register(subparsers) -> None:
 
 def _check_outputs(paths: list[Path], overwrite: bool) -> None:
     from dcml.errors import UserError
-    from dcml.io import refuse_to_overwrite
+    from dcml.atomic_files import refuse_to_overwrite
 
     resolved = [p.expanduser().resolve() for p in paths]
     if len(set(resolved)) != len(resolved):
@@ -109,10 +109,10 @@ def _check_sources(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
     from dcml.errors import UserError
     from dcml.inference import list_images
-    from dcml.io import save_npy_atomically, write_atomically
+    from dcml.atomic_files import save_npy_atomically, write_atomically
 
     _check_sources(args)
     outputs = [p for p in (args.out, args.labels_out, args.groups_out, args.paths_out) if p is not None]
@@ -186,7 +186,7 @@ def _embed_with_model(args, split, paths, device):
 
 def _embed_with_backbone(args, split, paths, device):
     from dcml.data.records import Split
-    from dcml.embedding import extract_embeddings
+    from dcml.model_runner import extract_embeddings
     from dcml.models.backbones import create_backbone
 
     backbone = create_backbone(args.backbone, pretrained=True, weights=args.weights)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from dcml.cli.arguments import batch_size_int, int_in_range, workers_int
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 
 
 def register(subparsers) -> None:
@@ -125,7 +125,7 @@ def _items_to_embed(args: argparse.Namespace, model):
 
 def embed_into(builder, model, paths):
     """Embed ``paths`` straight into the builder (bounded memory); returns the readable mask."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     return model.embed_paths_tolerant(paths, sink=lambda rows: builder.append(l2_normalize(rows))).readable
 

@@ -64,7 +64,7 @@ def load_array(path: Path, what: str) -> np.ndarray:
 
 def _run(args: argparse.Namespace) -> int:
     from dcml.evaluation.metrics import NMI, NUM_EXCLUDED, NUM_QUERIES, evaluate_with_ranks, nmi, recall_curve
-    from dcml.io import json_text
+    from dcml.atomic_files import json_text
 
     ks = parse_ks(args.ks)
     embeddings = load_array(args.embeddings, "embeddings")
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot is not None and args.plot.suffix.lower() not in (".png", ".pdf"):
         raise UserError(f"--plot must name a .png or .pdf file, got {args.plot}")
     if args.plot is not None:
-        from dcml.io import refuse_to_overwrite
+        from dcml.atomic_files import refuse_to_overwrite
 
         refuse_to_overwrite([args.plot], args.overwrite, what="Recall@K plot")
     result, ranks = evaluate_with_ranks(

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from dcml.cli.arguments import int_in_range
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 
 #: Results per query at most: beyond this a listing is a dump of the index, not a search.
 MAX_K = 10_000
@@ -108,7 +108,7 @@ def answer(index, names, vectors, errors, k: int, threshold) -> list[dict]:
 
 def _query(args: argparse.Namespace) -> int:
     from dcml.errors import UserError
-    from dcml.io import refuse_to_overwrite
+    from dcml.atomic_files import refuse_to_overwrite
     from dcml.search.calibration import resolve_threshold
     from dcml.search.index import Index
 

@@ -260,7 +260,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dcml.training import checkpoint as ckpt
     from dcml.training.trainer import Trainer
 
-    from dcml.io import refuse_to_overwrite
+    from dcml.atomic_files import refuse_to_overwrite
 
     path = args.checkpoint
     if path.is_dir():
@@ -290,7 +290,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     # best.pt names its (0-based) epoch; last.pt the next epoch to run, i.e. the 1-based last one done.
     epoch = int(payload["epoch"]) + 1 if payload.get("epoch") is not None else payload.get("next_epoch")
     if args.json:
-        from dcml.io import json_text
+        from dcml.atomic_files import json_text
 
         print(json_text({"checkpoint": str(path), "epoch": epoch, "metrics": rows}))
         return 0

@@ -35,9 +35,9 @@ def register(subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from dcml.data import load_dataset
-    from dcml.embedding import extract_embeddings
+    from dcml.model_runner import extract_embeddings
     from dcml.evaluation.runner import evaluate_dataset, format_table
-    from dcml.io import json_text, save_json_atomically
+    from dcml.atomic_files import json_text, save_json_atomically
     from dcml.models.backbones import create_backbone
 
     start = time.perf_counter()

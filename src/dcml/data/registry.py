@@ -35,7 +35,7 @@ def register_dataset(name: str, description: str, *, needs_root: bool = True):
 
 def _ensure_builtin_readers() -> None:
     # Importing the modules runs their @register_dataset decorators.
-    import dcml.data.benchmarks  # noqa: F401
+    import dcml.data.paper_datasets  # noqa: F401
     import dcml.data.emoji  # noqa: F401
     import dcml.data.folder  # noqa: F401
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from dcml.backends import DEFAULT_KMEANS_SEED
 from dcml.data.records import Dataset, EvaluationSpec, Protocol, Split
-from dcml.embedding import l2_normalize
+from dcml.model_runner import l2_normalize
 from dcml.evaluation.metrics import (
     NMI,
     NUM_EXCLUDED,

@@ -50,7 +50,7 @@ def pair_distances(embeddings: np.ndarray, labels: np.ndarray, *, max_pairs: int
 
     Computed in float64 from the float32 vectors, as evaluation compares distances. Above
     ``max_pairs`` pairs a seeded random subset of the images is used."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     x = l2_normalize(embeddings).astype(np.float64)
     labels = np.asarray(labels)
@@ -170,7 +170,7 @@ def plot_precision_recall(op: Operating, out, marks: dict | None = None) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dcml.io import write_atomically
+    from dcml.atomic_files import write_atomically
 
     figure, axes = plt.subplots(figsize=(5, 4), dpi=100)
     axes.plot(op.recall, op.precision, lw=1.5)

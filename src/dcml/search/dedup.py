@@ -16,7 +16,7 @@ def close_pairs(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, n
     """All pairs (i < j) with distance <= ``threshold``."""
     import faiss
 
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     if not np.isfinite(threshold) or threshold < 0:
         raise UserError(f"a duplicate threshold must be a distance >= 0, got {threshold}")

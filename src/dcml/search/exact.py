@@ -86,7 +86,7 @@ def nearest_neighbours(database: np.ndarray, queries: np.ndarray, k: int,
     """
     import faiss
 
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     database = np.ascontiguousarray(l2_normalize(database))
     queries = np.ascontiguousarray(l2_normalize(queries))

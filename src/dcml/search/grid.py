@@ -55,7 +55,7 @@ def draw_retrieval_grid(
 
     ``correct[i, j]``: True green, False red, None / missing grey. ``captions[i]`` goes under query i.
     """
-    from dcml.io import write_atomically
+    from dcml.atomic_files import write_atomically
 
     rows, k = len(query_paths), max((len(r) for r in result_paths), default=0)
     cell = thumb + 2 * _BORDER
@@ -92,7 +92,7 @@ def _framed(canvas: Image.Image, tile: Image.Image, left: int, top: int, colour)
 
 def worst_queries(embeddings: np.ndarray, labels: np.ndarray, count: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Leave-one-out queries with the lowest average precision (AP@R, as evaluation's MAP@R): (ids, AP)."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
     from dcml.evaluation.metrics import retrieval_ranks
 
     labels = np.asarray(labels)

@@ -304,7 +304,7 @@ def _measured_recall(index, embeddings: Path, kind: str, count: int, seed: int) 
 def build_index(out: str | Path, embeddings: np.ndarray, items: Items, model: dict, kind: str = "flat",
                 params: dict | None = None, *, overwrite: bool = False, seed: int = 0) -> Index:
     """Build an index folder from embeddings already in memory (rows L2-normalised here)."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
@@ -438,7 +438,7 @@ class Index:
             raise UserError(f"k={k} is above the index size ({len(self)} items)")
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> SearchResult:
-        from dcml.embedding import l2_normalize
+        from dcml.model_runner import l2_normalize
 
         if self.faiss_index is None:
             raise RuntimeError(f"index {self.folder}: its faiss index was dropped; load it again to search")
@@ -502,7 +502,7 @@ def extra_files(source: Index, folder: Path) -> None:
 
 def add_to_index(source: Index, new_embeddings: np.ndarray, new_items: Items, *, seed: int = 0) -> Index:
     """The index with ``new_items`` appended (same kind and parameters), replacing it atomically."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
 
     def append(builder: IndexBuilder) -> Items:
         builder.append(l2_normalize(new_embeddings))

@@ -65,7 +65,7 @@ def embed_sharded(dist, builder, model, paths: Sequence[str]) -> np.ndarray:
 
     Returns the readable mask of all ``paths`` on every rank; afterwards rank 0's builder holds the
     L2-normalised rows of every readable path, in path order."""
-    from dcml.embedding import l2_normalize
+    from dcml.model_runner import l2_normalize
     from dcml.training.distributed import Distributed
 
     mine = [paths[i] for i in dist.shard(len(paths))]

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from dcml.errors import UserError
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 from dcml.search.calibration import resolve_threshold
 from dcml.search.index import Items
 from dcml.serve.batcher import MicroBatcher
@@ -46,7 +46,7 @@ _VECTORS_BODY = {"application/json": {"schema": {"type": "object", "required": [
 
 
 class JSONText(Response):
-    """JSON through :func:`dcml.io.json_text`: a non-finite number is null, never a bare NaN."""
+    """JSON through :func:`dcml.atomic_files.json_text`: a non-finite number is null, never a bare NaN."""
 
     media_type = "application/json"
 

@@ -12,7 +12,7 @@ import secrets
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dcml.io import json_text
+from dcml.atomic_files import json_text
 from dcml.serve.limits import RequestProblem
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from dcml.errors import UserError
-from dcml.io import write_atomically
+from dcml.atomic_files import write_atomically
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -239,7 +239,7 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries (see :func:`dcml.io.write_atomically`) that a process killed mid-save
+    """Delete the temporaries (see :func:`dcml.atomic_files.write_atomically`) that a process killed mid-save
     left in ``folder``; a temporary of a process still running is left alone."""
     removed = []
     folder = Path(folder)

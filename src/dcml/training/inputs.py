@@ -167,7 +167,7 @@ class CachedInputs:
         return self.tensors[key]
 
     def _compute(self, split: Split) -> torch.Tensor:
-        from dcml.embedding import run_over_batches
+        from dcml.model_runner import run_over_batches
 
         if split.num_images == 0:
             raise DatasetError(f"split {split.name!r} has no images")

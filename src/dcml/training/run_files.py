@@ -46,7 +46,7 @@ def write_config(out_dir: Path, config) -> None:
     """``config.yaml``: the resolved settings of the run, as ``dcml train --preset`` reads them."""
     import yaml
 
-    from dcml.io import write_atomically
+    from dcml.atomic_files import write_atomically
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False).encode()
     write_atomically({Path(out_dir) / "config.yaml": lambda stream: stream.write(text)})
@@ -54,7 +54,7 @@ def write_config(out_dir: Path, config) -> None:
 
 def write_log(out_dir: Path, history: list[dict]) -> None:
     """``log.jsonl``: one JSON line per finished epoch."""
-    from dcml.io import json_text, write_atomically
+    from dcml.atomic_files import json_text, write_atomically
 
     lines = "".join(json_text(record) + "\n" for record in history).encode()
     write_atomically({Path(out_dir) / "log.jsonl": lambda stream: stream.write(lines)})

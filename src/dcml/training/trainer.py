@@ -22,7 +22,7 @@ import torch
 from dcml.config import TrainConfig, validate_against_data
 from dcml.data.records import Dataset, Split
 from dcml.errors import UserError
-from dcml.io import save_json_atomically
+from dcml.atomic_files import save_json_atomically
 from dcml.training import checkpoint as ckpt
 from dcml.training.datasets import check_same_dataset, dataset_identity, prepare_dataset  # noqa: F401 - prepare_dataset re-exported
 from dcml.training.device import autocast_for, effective_precision, resolve_device, seed_everything  # noqa: F401 - re-exported
@@ -133,7 +133,7 @@ class Trainer:
         return self._embed_local(split, space, indices)
 
     def _embed_local(self, split: Split, space: str, indices: np.ndarray | None) -> np.ndarray:
-        from dcml.embedding import run_over_batches
+        from dcml.model_runner import run_over_batches
 
         model, cached, learners = self.model, self.inputs.cached, self.active_learners
 

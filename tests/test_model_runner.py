@@ -10,7 +10,7 @@ from PIL import Image
 from dcml.cli import main
 from dcml.data.records import Dataset, EvaluationSpec, Protocol, Split
 from dcml.data.registry import _READERS, DatasetReader
-from dcml.embedding import extract_embeddings
+from dcml.model_runner import extract_embeddings
 from dcml.errors import DatasetError
 from dcml.models.backbones import create_backbone
 

@@ -28,7 +28,7 @@ from replicas import (
 
 from dcml.cli import main
 from dcml.data import Protocol, available_datasets, load_dataset
-from dcml.data.benchmarks import BENCHMARKS
+from dcml.data.paper_datasets import BENCHMARKS
 from dcml.data.images import load_rgb
 from dcml.errors import DatasetError
 
