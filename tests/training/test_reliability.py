@@ -391,13 +391,13 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(Trainer, "objective", objective)
     out = tmp_path / "run"
     good = {}
-    original_save = Trainer._save_last
+    original_save = Trainer.save_last
 
     def remember(self, next_epoch, progress=None):
         original_save(self, next_epoch, progress)
         good["bytes"] = (out / ckpt.LAST).read_bytes()
 
-    monkeypatch.setattr(Trainer, "_save_last", remember)
+    monkeypatch.setattr(Trainer, "save_last", remember)
     assert main(_train_args(tiny_folder, out)) == 2
     err = capsys.readouterr().err
     assert "loss was not finite at epoch 2, batch 4" in err and "learning rate" in err and err.count("\n") == 1

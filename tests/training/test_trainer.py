@@ -30,7 +30,7 @@ class Killed(Exception):
 
 def _killed_then_resumed(config, out, monkeypatch, *, after_epochs: int) -> Trainer:
     """Train until ``after_epochs`` epochs are checkpointed, die, then resume in a new (unfitted) Trainer."""
-    original = Trainer._save_last
+    original = Trainer.save_last
 
     def save_then_die(self, next_epoch):
         original(self, next_epoch)
@@ -38,7 +38,7 @@ def _killed_then_resumed(config, out, monkeypatch, *, after_epochs: int) -> Trai
             raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "_save_last", save_then_die)
+        patch.setattr(Trainer, "save_last", save_then_die)
         with pytest.raises(Killed):
             _train(config, out)
     resumed = Trainer(config, out, progress=False, echo=lambda _: None)
@@ -98,7 +98,7 @@ def test_a_kill_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_path
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        trainer._save_last(1)
+        trainer.save_last(1)
     assert (tmp_path / "run" / ckpt.LAST).read_bytes() == before
     assert [p.name for p in (tmp_path / "run").iterdir() if "tmp" in p.name] == []
 

@@ -11,6 +11,9 @@ import torch
 from dcml.errors import UserError
 from dcml.training.distributed import SINGLE, Distributed
 
+#: Under torchrun rank r draws its dropout and negative-sampling randomness from seed + r x this.
+RANK_SEED_STRIDE = 1_000_003
+
 
 def resolve_device(name: str, distributed: Distributed = SINGLE) -> torch.device:
     """``auto``: CUDA when available, else the CPU; under torchrun each rank takes GPU ``LOCAL_RANK``."""
@@ -50,3 +53,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own randomness (dropout, negative sampling) under torchrun."""
+    return seed + RANK_SEED_STRIDE * rank

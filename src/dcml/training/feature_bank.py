@@ -49,6 +49,16 @@ class FeatureBank:
         features[latest < 0] = np.nan
         return FeatureBank(features, latest, self.epoch)
 
+    def completed(self, dist: Distributed, embed_rows) -> np.ndarray:
+        """Every image's backbone features: the rows the batches kept (pooled over the ranks), and
+        ``embed_rows(indices)`` for the images no batch visited."""
+        bank = self.pooled(dist)  # under torchrun each rank holds the rows its own batches visited
+        missing = bank.missing()
+        features = bank.features
+        if len(missing):
+            features[missing] = embed_rows(missing)
+        return features
+
     def state(self) -> dict:
         return {"features": torch.from_numpy(self.features), "visits": torch.from_numpy(self.visits), "epoch": int(self.epoch)}
 

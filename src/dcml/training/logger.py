@@ -68,3 +68,13 @@ class TensorBoardLogger(RunLogger):
     def close(self) -> None:
         self.writer.close()
 
+
+
+def log_epoch(loggers: list[RunLogger], record: dict, optimizer: torch.optim.Optimizer, loss: torch.nn.Module) -> None:
+    """Hand a finished epoch's record, the learning rates and the learnable loss parameters to every logger."""
+    if not loggers:
+        return
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    parameters = {name: parameter for name, parameter in loss.named_parameters() if parameter.requires_grad}
+    for logger in loggers:
+        logger.epoch(record, rates, parameters)

@@ -1,4 +1,4 @@
-"""What a run tells the user: one console line per epoch and ``metrics.json`` at the end."""
+"""What a run tells the user: its log records, one console line per epoch and ``metrics.json`` at the end."""
 
 from __future__ import annotations
 
@@ -30,3 +30,15 @@ def run_result(*, dataset: str, config, epochs: int, best_epoch: int | None, bes
         "timings": dict(timings),
         "recluster_share": recluster / max(busy, 1e-9),
     }
+
+
+def epoch_record(plan) -> dict:
+    """The start of an epoch's ``log.jsonl`` record: what its plan says."""
+    return {"epoch": plan.epoch, "phase": plan.phase, "learners": plan.active_learners,
+            "backbone_frozen": plan.backbone_frozen, "lr_scale": plan.lr_scale}
+
+
+def add_throughput(record: dict, train_seconds: float) -> None:
+    """Images per second and the share of the training time spent waiting for data."""
+    record["images_per_second"] = record["images"] / max(train_seconds, 1e-9)
+    record["data_wait_share"] = record["data_wait_seconds"] / max(train_seconds, 1e-9)
