@@ -51,9 +51,37 @@ def write_folder_dataset(root: Path, classes_per_split: dict[str, int], images_p
     return root
 
 
+#: The demo's settings on the tiny backbone (tests of the demo's files and of ``dcml demo``).
+TINY_DEMO = [f"model.backbone={TINY}", "model.pretrained=false", "model.trainable_blocks=2", "model.embedding_dim=16",
+             "sampler.classes_per_batch=2", "sampler.images_per_class=2", "data.image_size=16", "device=cpu",
+             "clustering.kmeans_iterations=5", "sampler.batches_per_epoch=4"]  # file shapes need no long training
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return write_folder_dataset(tmp_path_factory.mktemp("tiny_folder"), {"train": 12, "val": 4, "test": 6})
+
+
+@pytest.fixture
+def batch_counter(monkeypatch):
+    """``batch_counter()``: the index of the batch under way in its epoch, for hooks patched into
+    ``Trainer.objective`` (which runs once per batch); it restarts with every ``train_epoch``."""
+    from dcml.training.trainer import Trainer
+
+    original = Trainer.train_epoch
+    count = {"next": 0}
+
+    def train_epoch(self, plan, progress=None):
+        count["next"] = 0 if progress is None else progress.batches
+        return original(self, plan, progress)
+
+    def counter() -> int:
+        value = count["next"]
+        count["next"] += 1
+        return value
+
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    return counter
 
 
 def tiny_overrides(root: Path) -> list[str]:
@@ -77,6 +105,19 @@ def tiny_overrides(root: Path) -> list[str]:
         "sampler.batches_per_epoch=null",
         "schedule.epochs=4",
         "schedule.conquer_epoch=3",
+        "schedule.finetune_epoch=null",
+        "schedule.freeze_backbone_after_recluster=0",
+        "clustering.recluster_after_conquer=true",
+        "clustering.hierarchical=false",
+        "clustering.space=backbone",
+        "clustering.unit=image",
+        "model.learner_head=slices",
+        "model.freeze_bn_stats=true",
+        "sampler.epoch_length=largest",
+        "sampler.pass_unit=classes",
+        "sampler.fill_small_clusters=false",
+        "optimizer.lr_decay_every=null",
+        "evaluation.every=1",
         "optimizer.lr_backbone=1e-3",
         "optimizer.lr_embedding=1e-3",
         "evaluation.selection_metric=leave_one_out/recall@1",

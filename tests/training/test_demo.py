@@ -1,4 +1,4 @@
-"""`dcml demo` end to end on a fake emoji benchmark (fake npm packages) with the tiny backbone."""
+"""The demo end to end on a fake emoji benchmark (fake npm packages) with the tiny backbone (its CLI: tests/cli/test_demo_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from dcml.cli import main
 from dcml.demo import compare_models, results_markdown, run_demo
 from dcml.evaluation.paired import QueryScores
 
-from .conftest import TINY
-
-TINY_DEMO = [f"model.backbone={TINY}", "model.pretrained=false", "model.trainable_blocks=2", "model.embedding_dim=16",
-             "sampler.classes_per_batch=2", "sampler.images_per_class=2", "data.image_size=16", "device=cpu",
-             "clustering.kmeans_iterations=5", "sampler.batches_per_epoch=4"]  # file shapes need no long training
-
+from .conftest import TINY_DEMO
 
 def test_demo_writes_the_documented_results(fake_npm, tmp_path, monkeypatch):
     monkeypatch.setenv("DCML_CACHE_DIR", str(tmp_path / "cache"))
@@ -51,18 +45,6 @@ def test_demo_writes_the_documented_results(fake_npm, tmp_path, monkeypatch):
     # --quick says it is a smoke test before anything else.
     assert "smoke test" in saved["note"].lower() and "not a verdict" in saved["note"] and "make demo" in saved["note"]
     assert markdown.startswith("**Smoke test (--quick)") and "seed 0" in markdown and "not across machines" in markdown
-
-
-def test_demo_cli_prints_the_table(fake_npm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DCML_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["demo", "--quick", "--learners", "2", "--out", str(tmp_path / "demo"), "--no-progress"]
-    for override in TINY_DEMO:
-        args += ["--set", override]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "**cross-vendor**" in out and "zero-shot" in out and "results.json" in out
-    assert out.count("Smoke test (--quick)") >= 2  # when it starts, and atop the table
-    assert "not a verdict" in out and "D&C minus K = 1" in out
 
 
 def _scores(hits: np.ndarray, classes: np.ndarray) -> QueryScores:

@@ -1,11 +1,21 @@
 from dcml.config import load_config
 from dcml.training.schedule import CONQUER, DIVIDE, FINETUNE, describe_schedule, plan_schedule
 
+#: Every setting the schedule reads, set here so that no test depends on the emoji preset's tuning.
+SCHEDULE = ["schedule.epochs=20", "schedule.conquer_epoch=14", "schedule.finetune_epoch=null",
+            "schedule.freeze_backbone_after_recluster=0", "clustering.learners=4", "clustering.recluster_every=2",
+            "clustering.recluster_after_conquer=true", "clustering.hierarchical=false", "optimizer.lr_decay_every=null",
+            "model.embedding_dim=128"]
+
+
+def _config(*overrides: str):
+    return load_config("emoji", [*SCHEDULE, *overrides])
+
 
 def test_cvpr_v1_schedule_is_explicit():
     # v1 as released: 200 epochs, slices until 80 (its hidden 190 * 8/19), K = 1 fine-tuning from 190.
-    config = load_config("emoji", ["schedule.epochs=200", "schedule.conquer_epoch=80", "schedule.finetune_epoch=190",
-                                   "clustering.recluster_every=2"])
+    config = _config("schedule.epochs=200", "schedule.conquer_epoch=80", "schedule.finetune_epoch=190",
+                                   "clustering.recluster_every=2")
     plans = plan_schedule(config)
     assert [p.phase for p in plans[:80]] == [DIVIDE] * 80
     assert [p.phase for p in plans[80:190]] == [CONQUER] * 110
@@ -16,22 +26,22 @@ def test_cvpr_v1_schedule_is_explicit():
 
 
 def test_no_reclustering_after_conquer_when_switched_off():
-    plans = plan_schedule(load_config("emoji", ["clustering.recluster_after_conquer=false"]))
+    plans = plan_schedule(_config("clustering.recluster_after_conquer=false"))
     assert [p.epoch for p in plans if p.recluster] == [0, 2, 4, 6, 8, 10, 12]
 
 
 def test_hierarchical_division_doubles_at_each_reclustering():
     # TPAMI: 1, 2, 4, ..., 32 by epoch 10 with T = 2.
-    config = load_config("emoji", ["clustering.hierarchical=true", "clustering.learners=32", "model.learner_head=masks",
-                                   "schedule.epochs=14", "schedule.conquer_epoch=null"])
+    config = _config("clustering.hierarchical=true", "clustering.learners=32", "model.learner_head=masks",
+                                   "schedule.epochs=14", "schedule.conquer_epoch=null")
     active = [p.active_learners for p in plan_schedule(config)]
     assert active == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16, 32, 32, 32, 32]
 
 
 def test_backbone_freeze_and_step_decay():
-    config = load_config("emoji", ["schedule.freeze_backbone_after_recluster=1", "optimizer.lr_decay_every=5",
+    config = _config("schedule.freeze_backbone_after_recluster=1", "optimizer.lr_decay_every=5",
                                    "optimizer.lr_decay_factor=0.1", "clustering.recluster_every=3", "schedule.epochs=10",
-                                   "schedule.conquer_epoch=null"])
+                                   "schedule.conquer_epoch=null")
     plans = plan_schedule(config)
     assert [p.epoch for p in plans if p.backbone_frozen] == [0, 3, 6, 9]
     assert [round(p.lr_scale, 6) for p in plans] == [1.0] * 5 + [0.1] * 5

@@ -8,7 +8,7 @@ import pytest
 
 from dcml.cli import main
 
-from .conftest import tiny_overrides
+from training.conftest import tiny_overrides
 
 
 def _train_args(root, out, *extra):

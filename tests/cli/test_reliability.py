@@ -1,5 +1,6 @@
-"""What dcml promises about files and faults: loading never runs code, nothing is overwritten
-unasked, a resume is exact or refused, SIGTERM costs at most a batch, divergence is named."""
+"""What dcml promises about files and faults, through `dcml train` / `dcml evaluate`: loading never
+runs code, nothing is overwritten unasked, a resume is exact or refused, SIGTERM costs at most a
+batch, divergence is named. The trainer-level stop tests are in tests/training/test_stopping.py."""
 
 from __future__ import annotations
 
@@ -16,18 +17,12 @@ import pytest
 import torch
 
 from dcml.cli import main
-from dcml.config import load_config
 from dcml.training import checkpoint as ckpt
-from dcml.training.stopping import TrainingStopped
 from dcml.training.trainer import Trainer
 
-from .conftest import tiny_overrides, write_folder_dataset
+from training.conftest import tiny_overrides, write_folder_dataset
 
-WORKER = Path(__file__).parent / "ddp_worker.py"
-
-
-def _config(root, *extra):
-    return load_config("emoji", [*tiny_overrides(root), *extra])
+WORKER = Path(__file__).parents[1] / "training" / "ddp_worker.py"  # its "cli" mode knows the tiny backbone
 
 
 def _train_args(root, out, *extra):
@@ -35,11 +30,6 @@ def _train_args(root, out, *extra):
     for override in tiny_overrides(root):
         args += ["--set", override]
     return args + list(extra)
-
-
-def _fit(config, out):
-    trainer = Trainer(config, out, progress=False, echo=lambda _: None)
-    return trainer, trainer.fit()
 
 
 @pytest.fixture(scope="module")
@@ -257,89 +247,6 @@ def test_evaluate_needs_no_pretrained_weights_file(tiny_folder, tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------- preemption
-def _stop_at(monkeypatch, epoch: int, batch: int):
-    """Ask for a stop (as SIGTERM does) while batch ``batch`` of epoch ``epoch`` trains."""
-    original = Trainer.objective
-
-    def objective(self, plan, raw, labels, learner):
-        if plan.epoch == epoch and self._batch_counter() == batch:
-            self.stop.request("SIGTERM")
-        return original(self, plan, raw, labels, learner)
-
-    monkeypatch.setattr(Trainer, "objective", objective)
-
-
-@pytest.fixture
-def count_batches(monkeypatch):
-    """Give the trainer a per-epoch batch counter the stop hook can read."""
-    original = Trainer.train_epoch
-
-    def train_epoch(self, plan, progress=None):
-        self._batches_in_epoch = 0 if progress is None else progress.batches
-        return original(self, plan, progress)
-
-    def counter(self):
-        value = self._batches_in_epoch
-        self._batches_in_epoch += 1
-        return value
-
-    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
-    monkeypatch.setattr(Trainer, "_batch_counter", counter, raising=False)
-
-
-def _same_run(full_dir: Path, cut_dir: Path, full: dict, cut: dict) -> None:
-    for key in ("selected_epoch", "selection_score", "test", "val"):
-        assert cut[key] == full[key], key
-    full_last = ckpt.load_checkpoint(full_dir / ckpt.LAST)["model"]
-    cut_last = ckpt.load_checkpoint(cut_dir / ckpt.LAST)["model"]
-    for name, tensor in full_last.items():
-        assert torch.equal(tensor, cut_last[name]), name
-    full_log = [json.loads(line) for line in (full_dir / "log.jsonl").read_text().splitlines()]
-    cut_log = [json.loads(line) for line in (cut_dir / "log.jsonl").read_text().splitlines()]
-    assert [(r["loss"], r["batches"], r["learner_loss"]) for r in cut_log] == [(r["loss"], r["batches"], r["learner_loss"]) for r in full_log]
-
-
-@pytest.mark.parametrize("reuse", [False, True])
-def test_a_stop_mid_epoch_resumes_at_that_batch_exactly(tiny_folder, tmp_path, monkeypatch, count_batches, reuse):
-    config = _config(tiny_folder, f"clustering.reuse_training_features={str(reuse).lower()}")
-    _, full = _fit(config, tmp_path / "full")
-    with monkeypatch.context() as patch:
-        _stop_at(patch, epoch=1, batch=2)
-        with pytest.raises(TrainingStopped) as stopped:
-            _fit(config, tmp_path / "cut")
-    assert "after batch 3 of 4 in epoch 2" in stopped.value.saved  # the batch under way when the stop came is finished
-    saved = ckpt.load_checkpoint(tmp_path / "cut" / ckpt.LAST, resumable=True)
-    assert saved["next_epoch"] == 1 and saved["epoch_progress"]["batches"] == 3
-    resumed = Trainer(config, tmp_path / "cut", progress=False, echo=lambda _: None, load_pretrained=False)
-    resumed.resume(ckpt.load_checkpoint(tmp_path / "cut" / ckpt.LAST))
-    _same_run(tmp_path / "full", tmp_path / "cut", full, resumed.fit())
-
-
-def test_a_stop_during_validation_keeps_the_epochs_batches(tiny_folder, tmp_path, monkeypatch):
-    config = _config(tiny_folder)
-    _, full = _fit(config, tmp_path / "full")
-    original = Trainer.evaluate
-    calls = {"val": 0}
-
-    def evaluate(self, split=None, **kwargs):
-        if split == "val":
-            calls["val"] += 1
-            if calls["val"] == 2:
-                raise TrainingStopped("SIGTERM")
-        return original(self, split, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "evaluate", evaluate)
-        with pytest.raises(TrainingStopped) as stopped:
-            _fit(config, tmp_path / "cut")
-    assert "before its validation" in stopped.value.saved
-    saved = ckpt.load_checkpoint(tmp_path / "cut" / ckpt.LAST, resumable=True)
-    assert saved["epoch_progress"]["trained"] and saved["next_epoch"] == 1
-    resumed = Trainer(config, tmp_path / "cut", progress=False, echo=lambda _: None)
-    resumed.resume(saved)
-    _same_run(tmp_path / "full", tmp_path / "cut", full, resumed.fit())
-
-
 def _dcml(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2] / "src"), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, str(WORKER), "cli", *args], env=env, stdout=subprocess.PIPE,
@@ -381,12 +288,12 @@ def test_a_stale_temporary_is_removed_at_the_next_start(finished_run, tmp_path):
 
 # ---------------------------------------------------------------------------- divergence
 def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, monkeypatch, capsys,
-                                                                                   count_batches):
+                                                                                   batch_counter):
     original = Trainer.objective
 
     def objective(self, plan, raw, labels, learner):
         loss = original(self, plan, raw, labels, learner)
-        return loss * float("nan") if plan.epoch == 1 and self._batch_counter() == 3 else loss
+        return loss * float("nan") if plan.epoch == 1 and batch_counter() == 3 else loss
 
     monkeypatch.setattr(Trainer, "objective", objective)
     out = tmp_path / "run"
@@ -428,7 +335,8 @@ def test_tensorboard_gets_every_epochs_figures(tiny_folder, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert main(_train_args(tiny_folder, out, "--epochs", "2", "--set", "schedule.conquer_epoch=1")) == 0
+    per_learner_beta = ("--set", "loss.name=margin", "--set", "loss.settings.beta_mode=learner")  # tagged beta_0, beta_1
+    assert main(_train_args(tiny_folder, out, "--epochs", "2", "--set", "schedule.conquer_epoch=1", *per_learner_beta)) == 0
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

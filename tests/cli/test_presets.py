@@ -1,5 +1,6 @@
-"""The paper presets: every value sourced, the recipe values, and `dcml train --dry-run` on a
-miniature replica of each dataset's layout (90 training + 10 test classes x 2 images of 8x8 px)."""
+"""`dcml train --dry-run` with each paper preset on a miniature replica of its dataset's layout
+(90 training + 10 test classes x 2 images of 8x8 px). The preset files' own values are checked in
+tests/training/test_preset_values.py."""
 
 from __future__ import annotations
 
@@ -11,33 +12,19 @@ import pytest
 import torch
 
 from dcml.cli import main
-from dcml.config import PRESET_DIR, load_config
 from dcml.errors import MissingDependencyError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # tests/data/replicas.py
 from replicas import make_replica  # noqa: E402
 
-from .conftest import TINY  # noqa: E402
+from training.conftest import TINY  # noqa: E402
 
 DATASETS = ("cub200", "cars196", "sop", "inshop", "vehicleid")
 CVPR_PRESETS = DATASETS
 TPAMI_PRESETS = tuple(f"{name}-tpami" for name in DATASETS)
 PAPER_PRESETS = CVPR_PRESETS + TPAMI_PRESETS
 
-# The key recipe values per preset: dataset, K, d, P x M, epochs, conquer / finetune epoch counts,
-# protocol and Recall@K list (the rest is common to each paper's presets, checked below).
-RECIPES = {
-    "cub200": ("cub200", 4, 128, (20, 4), 200, 80, 190, "leave_one_out", (1, 2, 4, 8)),
-    "cars196": ("cars196", 4, 128, (20, 4), 200, 80, 190, "leave_one_out", (1, 2, 4, 8)),
-    "sop": ("sop", 8, 128, (20, 4), 200, 80, 190, "leave_one_out", (1, 10, 100, 1000)),
-    "inshop": ("inshop", 8, 128, (20, 4), 200, 80, 190, "query_gallery", (1, 10, 20, 30, 40, 50)),
-    "vehicleid": ("vehicleid", 8, 128, (20, 4), 200, 80, 190, "vehicleid", (1, 5)),
-    "cub200-tpami": ("cub200", 4, 512, (40, 2), 180, 80, None, "leave_one_out", (1, 2, 4, 8)),
-    "cars196-tpami": ("cars196", 4, 512, (40, 2), 180, 80, None, "leave_one_out", (1, 2, 4, 8)),
-    "sop-tpami": ("sop", 32, 512, (40, 2), 180, 80, None, "leave_one_out", (1, 10, 100, 1000)),
-    "inshop-tpami": ("inshop", 8, 512, (40, 2), 180, 80, None, "query_gallery", (1, 10, 20, 30, 40, 50)),
-    "vehicleid-tpami": ("vehicleid", 8, 512, (40, 2), 180, 80, None, "vehicleid", (1, 5)),
-}
+DATASET_OF = {preset: preset.removesuffix("-tpami") for preset in PAPER_PRESETS}  # cub200-tpami trains on cub200
 
 
 @pytest.fixture(scope="session")
@@ -45,18 +32,6 @@ def replicas(tmp_path_factory) -> dict[str, Path]:
     """One replica per benchmark, built once: enough classes for every paper preset."""
     base = tmp_path_factory.mktemp("replicas")
     return {name: make_replica(name, base / name) for name in DATASETS}
-
-
-def leaf_settings(settings: dict, prefix: str = "") -> list[str]:
-    """``section.field`` of every value of a saved configuration (``loss.settings.alpha``; a
-    mapping-valued setting such as ``loss.settings.loss_kwargs`` is one value)."""
-    names = []
-    for key, value in settings.items():
-        if isinstance(value, dict) and not key.endswith("kwargs"):
-            names += leaf_settings(value, f"{prefix}{key}.")
-        else:
-            names.append(f"{prefix}{key}")
-    return names
 
 
 def _dry_run(preset: str, root: Path, out: Path, *extra: str) -> list[str]:
@@ -70,57 +45,14 @@ def _one_line_error(capsys) -> str:
     return errors[0]
 
 
-# ---------------------------------------------------------------------------- the preset files
-@pytest.mark.parametrize("preset", PAPER_PRESETS)
-def test_every_value_line_names_its_source(preset):
-    text = (PRESET_DIR / f"{preset}.yaml").read_text()
-    value_lines = [line for line in text.splitlines() if re.match(r"^\s*[\w]+:\s*[^\s#]", line)]
-    # One line per field of every section, and of the preset's loss's own settings (loss.settings).
-    assert len(value_lines) == len(leaf_settings(load_config(preset).to_dict()))
-    missing = [line for line in value_lines if not re.search(r"\s#\s*\S", line)]
-    assert not missing, f"{preset}: values without a '# source' comment: {missing}"
-
-
-@pytest.mark.parametrize("preset", PAPER_PRESETS)
-def test_recipe_values(preset):
-    dataset, learners, dim, (p, m), epochs, conquer, finetune, protocol, ks = RECIPES[preset]
-    c = load_config(preset)
-    assert c.data.dataset == dataset and c.data.root is None
-    assert (c.clustering.learners, c.model.embedding_dim) == (learners, dim)
-    assert (c.sampler.classes_per_batch, c.sampler.images_per_class) == (p, m)
-    assert (c.schedule.epochs, c.schedule.conquer_epoch, c.schedule.finetune_epoch) == (epochs, conquer, finetune)
-    assert (c.evaluation.protocol, c.evaluation.recall_ks) == (protocol, ks)
-    # Common to both papers.
-    assert (c.model.backbone, c.model.pretrained, c.model.weights, c.model.trainable_blocks) == ("resnet50", True, None, None)
-    assert (c.model.dropout, c.model.freeze_bn_stats) == (0.01, True)
-    assert (c.data.image_size, c.data.train_augmentation, c.data.cache_frozen_features) == (224, "crop_flip", False)
-    assert c.data.validation_fraction == 0.15
-    assert c.loss.name == "margin"
-    s = c.loss.settings
-    assert (s.alpha, s.beta, s.nu, s.beta_mode, s.cutoff, s.nonzero_loss_cutoff) == (0.2, 1.2, 0.0, "learner", 0.5, None)
-    assert (c.optimizer.lr_backbone, c.optimizer.lr_embedding, c.optimizer.weight_decay) == (1e-5, 1e-5, 1e-4)
-    assert c.optimizer.lr_decay_every is None
-    assert (c.clustering.recluster_every, c.clustering.space, c.clustering.unit) == (2, "backbone", "image")
-    assert c.clustering.recluster_after_conquer and not c.clustering.reuse_training_features
-    assert (c.sampler.epoch_length, c.sampler.pass_unit, c.sampler.batches_per_epoch) == ("largest", "images", None)
-    assert c.evaluation.selection_metric == "leave_one_out/recall@1"
-    if preset.endswith("-tpami"):
-        assert (c.model.learner_head, c.model.mask_lr_multiplier, c.model.mask_regularization) == ("masks", 100.0, 0.01)
-        assert c.clustering.hierarchical and learners & (learners - 1) == 0
-        assert c.schedule.freeze_backbone_after_recluster == 1
-    else:
-        assert c.model.learner_head == "slices" and not c.clustering.hierarchical
-        assert c.schedule.freeze_backbone_after_recluster == 0
-
-
 # ---------------------------------------------------------------------------- dry runs
 @pytest.mark.parametrize("preset", PAPER_PRESETS)
 def test_preset_passes_dry_run_on_its_layout(preset, replicas, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    assert main(_dry_run(preset, replicas[RECIPES[preset][0]], out)) == 0
+    assert main(_dry_run(preset, replicas[DATASET_OF[preset]], out)) == 0
     printed = capsys.readouterr().out
-    assert f"dataset: {RECIPES[preset][0]}" in printed  # the resolved configuration
+    assert f"dataset: {DATASET_OF[preset]}" in printed  # the resolved configuration
     assert "conquer (full embedding) from epoch 81 (schedule.conquer_epoch=80)" in printed
     assert "re-clustering (k-means) before epochs" in printed and "# schedule" in printed
     assert re.search(r"^(weights: ImageNet resnet50 available offline|warning: training would stop here: .*--weights PATH)",
