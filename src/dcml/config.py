@@ -70,8 +70,10 @@ class DataConfig:
     dataset: str = "emoji"
     root: Optional[str] = None  # dataset folder; emoji: the cache dir (None: the default cache)
     image_size: int = 224
-    # "crop_flip": RandomResizedCrop + horizontal flip (the paper); "crop": no flip; "none": test transform.
-    train_augmentation: Literal["crop_flip", "crop", "none"] = "crop_flip"
+    # "crop_flip": RandomResizedCrop + horizontal flip (the paper); "crop": no flip; "none": test transform;
+    # "drawing": small shifts, scalings and turns, colour, line-weight and blur changes, no flip
+    # (dcml.data.augment: styles of drawing such as emoji vendors').
+    train_augmentation: Literal["crop_flip", "crop", "none", "drawing"] = "crop_flip"
     # Run the frozen lower part of the backbone once per image and train on its cached output.
     # The same computation as a full forward (up to float rounding): with train_augmentation "none" the input of the
     # frozen part never changes; needs model.trainable_blocks.
@@ -83,6 +85,10 @@ class DataConfig:
     # Larger images (width x height) are refused before decoding: a few KB of PNG can claim 15000 x 15000
     # pixels. Default: dcml.data.images.DEFAULT_MAX_IMAGE_PIXELS (Pillow's own limit, ~9459 x 9459).
     max_image_pixels: int = 89_478_485
+    # A group (emoji: a vendor) whose images leave the training and validation splits; the test split
+    # keeps them and adds the unseen row (that group's test images query the other groups'): how
+    # well the embedding generalises to a style it never saw. None: train on every group.
+    held_out_group: Optional[str] = None
 
     def validate(self) -> None:
         require(16 <= self.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be in 16..{MAX_IMAGE_SIZE} pixels; got {self.image_size}")
@@ -90,6 +96,8 @@ class DataConfig:
         require(1 <= self.eval_batch_size <= MAX_BATCH_SIZE,
                 f"data.eval_batch_size must be in 1..{MAX_BATCH_SIZE}; got {self.eval_batch_size}")
         require(0 < self.validation_fraction < 1, f"data.validation_fraction must be between 0 and 1; got {self.validation_fraction}")
+        require(self.held_out_group is None or (isinstance(self.held_out_group, str) and self.held_out_group.strip() != ""),
+                f"data.held_out_group must be a group name (emoji: a vendor) or null; got {self.held_out_group!r}")
         require(self.max_image_pixels >= 1,
                 f"data.max_image_pixels must be a positive number of pixels (width x height); got {self.max_image_pixels}")
         if self.cache_frozen_features:

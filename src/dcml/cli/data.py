@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     info.add_argument("name", help="dataset name (see `dcml data list`)")
     info.add_argument("--root", type=Path, default=None, help="folder that holds the dataset (emoji: the cache dir)")
     info.add_argument("--cache-dir", type=Path, default=None, help="emoji only: cache directory")
+    info.add_argument("--held-out", metavar="GROUP", default=None,
+                      help="the unseen-vendor protocol's data: GROUP (emoji: google, twitter or openmoji) leaves the "
+                      "train and val splits, as `dcml train --set data.held_out_group=GROUP` trains")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=_info)
 
@@ -51,7 +54,11 @@ def _info(args: argparse.Namespace) -> int:
 
     root = args.cache_dir if args.cache_dir is not None else args.root
     dataset = load_dataset(args.name, root)  # count mismatches warn (printed as "warning: ...")
-    info = _displayable(dataset.info())
+    if args.held_out is not None:
+        dataset = dataset.holding_out(args.held_out)
+    info = dataset.info()
+    info["protocols"] = protocol_rows(dataset)
+    info = _displayable(info)
     if args.json:
         # ensure_ascii: pure ASCII output is valid JSON whatever the output encoding (a stream that
         # escapes what it cannot encode would otherwise write \xNN, which JSON does not allow).
@@ -61,9 +68,41 @@ def _info(args: argparse.Namespace) -> int:
     for split_name, counts in info["splits"].items():
         print(f"  {split_name:<12} {counts['classes']:>7} classes {counts['images']:>9} images")
     for key, value in info.items():
-        if key not in ("name", "root", "classes", "images", "splits"):
+        if key not in ("name", "root", "classes", "images", "splits", "protocols"):
             print(f"  {key}: {value if not isinstance(value, list) else ', '.join(map(str, value))}")
+    print("  test protocols (rows of `dcml evaluate`):")
+    for row, facts in info["protocols"].items():
+        counts = f" ({facts['queries']} queries)" if "queries" in facts else ""
+        print(f"    {row}{counts}: {facts['description']}" + (f"; {facts['how']}" if "how" in facts else ""))
     return 0
+
+
+def protocol_rows(dataset) -> dict:
+    """The test rows ``dcml evaluate`` reports for ``dataset``, what each measures and its query count;
+    for a dataset with groups and none held out, also how to get the unseen row."""
+    import numpy as np
+
+    from dcml.evaluation.protocols import ROW_DESCRIPTIONS, UNSEEN_GROUP_ROW, unseen_group_queries
+    from dcml.evaluation.runner import report_rows
+
+    def described(row: str) -> str:
+        return ROW_DESCRIPTIONS.get(row.rpartition("/")[2], row)
+
+    rows = {row: {"description": described(row)} for row in report_rows(dataset, with_nmi=False)}
+    spec = dataset.evaluation
+    test = dataset.splits.get(spec.splits[0])
+    if UNSEEN_GROUP_ROW in rows and test is not None:
+        queries = unseen_group_queries(test.groups, spec.unseen_group)
+        rows[UNSEEN_GROUP_ROW].update(held_out=dataset.group_names[spec.unseen_group], queries=int(queries.sum()),
+                                      references=int((~queries).sum()))
+    elif dataset.group_names is not None and test is not None and test.groups is not None:
+        per_group = np.bincount(test.groups, minlength=len(dataset.group_names))
+        rows[UNSEEN_GROUP_ROW] = {
+            "description": described(UNSEEN_GROUP_ROW),
+            "how": "train with --set data.held_out_group=NAME (" + ", ".join(
+                f"{name}: {count} test queries" for name, count in zip(dataset.group_names, per_group.tolist())) + ")",
+        }
+    return rows
 
 
 def _displayable(value):

@@ -66,6 +66,9 @@ class EvaluationSpec:
     protocol: Protocol
     recall_ks: tuple[int, ...]
     splits: tuple[str, ...]  # (test,) for leave-one-out; (query, gallery) for QUERY_GALLERY
+    # A group whose images training and validation never saw (see Dataset.holding_out): the test
+    # split's images of that group then also query the other groups' test images (the unseen row).
+    unseen_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,29 @@ class Dataset:
         if name not in self.splits:
             raise UserError(f"dataset {self.name!r} has no split {name!r}; choose one of: {', '.join(self.splits)}")
         return self.splits[name]
+
+    def holding_out(self, group_name: str) -> Dataset:
+        """This dataset with one group (emoji: one vendor) removed from every split it trains or
+        selects on: only the evaluation splits keep that group's images, and the evaluation spec
+        names it as unseen. How a model generalises to a style it never saw is then measured on
+        the test classes, with model selection blind to that group as well."""
+        if self.group_names is None:
+            raise UserError(f"data.held_out_group needs a dataset with groups; {self.name!r} has none")
+        if group_name not in self.group_names:
+            raise UserError(f"data.held_out_group must be one of {self.name}'s {self.group_kind}: "
+                            f"{', '.join(self.group_names)}; got {group_name!r}")
+        if self.evaluation.unseen_group is not None:
+            raise UserError(f"{self.name} already holds out {self.group_names[self.evaluation.unseen_group]!r}")
+        group = self.group_names.index(group_name)
+        splits = {}
+        for name, split in self.splits.items():
+            if name in self.evaluation.splits or split.groups is None:
+                splits[name] = split
+                continue
+            keep = split.groups != group
+            splits[name] = Split(name, tuple(p for p, k in zip(split.paths, keep) if k), split.labels[keep], split.groups[keep])
+        spec = EvaluationSpec(self.evaluation.protocol, self.evaluation.recall_ks, self.evaluation.splits, unseen_group=group)
+        return Dataset(self.name, self.root, splits, spec, self.group_names, self.group_kind, dict(self.extra_info))
 
     def info(self) -> dict:
         """Counts for `dcml data info`: totals and per split."""

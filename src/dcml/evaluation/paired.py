@@ -43,7 +43,7 @@ class QueryScores:
 
 
 def query_scores(embeddings: np.ndarray, labels: np.ndarray, *, groups: np.ndarray | None = None,
-                 kernel: str = "auto") -> QueryScores:
+                 query_mask: np.ndarray | None = None, kernel: str = "auto") -> QueryScores:
     """Hit@1 and AP@R of every query, leave-one-out (every row queries all others).
 
     With ``groups`` a query never retrieves a row of its own group (emoji's cross-vendor protocol).
@@ -51,19 +51,27 @@ def query_scores(embeddings: np.ndarray, labels: np.ndarray, *, groups: np.ndarr
     MAP@R exactly; queries without a positive are left out, as the metrics leave them out.
     """
     # Recall@1 needs only the nearest positive's rank; AP@R does not depend on the rank cap.
-    ranks = retrieval_ranks(embeddings, labels, max_k=1, groups=groups, kernel=kernel)
-    rows = np.flatnonzero(ranks.num_positives > 0)
-    hits = (ranks.first_rank[rows] == 1).astype(np.float64)
+    ranks = retrieval_ranks(embeddings, labels, max_k=1, groups=groups, query_mask=query_mask, kernel=kernel)
+    # Row indices of the evaluated array: with a query mask the rank engine numbers the queries only.
+    query_rows = np.arange(len(labels)) if query_mask is None else np.flatnonzero(query_mask)
+    kept = np.flatnonzero(ranks.num_positives > 0)
+    rows = query_rows[kept]
+    hits = (ranks.first_rank[kept] == 1).astype(np.float64)
     return QueryScores(rows=rows, classes=np.asarray(labels)[rows],
-                       scores={recall_key(1): hits, MAP_AT_R: ranks.average_precision_at_r[rows].astype(np.float64)})
+                       scores={recall_key(1): hits, MAP_AT_R: ranks.average_precision_at_r[kept].astype(np.float64)})
 
 
-def protocol_query_scores(embeddings: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> dict[str, QueryScores]:
-    """Both emoji protocols' per-query scores, named as the metric rows are."""
-    from dcml.evaluation.protocols import CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW
+def protocol_query_scores(embeddings: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                          unseen_group: int | None = None) -> dict[str, QueryScores]:
+    """The emoji protocols' per-query scores, named as the metric rows are (the unseen row when
+    ``unseen_group`` names the group training never saw)."""
+    from dcml.evaluation.protocols import CROSS_GROUP_ROW, LEAVE_ONE_OUT_ROW, UNSEEN_GROUP_ROW, unseen_group_queries
 
-    return {CROSS_GROUP_ROW: query_scores(embeddings, labels, groups=groups),
-            LEAVE_ONE_OUT_ROW: query_scores(embeddings, labels)}
+    scores = {CROSS_GROUP_ROW: query_scores(embeddings, labels, groups=groups),
+              LEAVE_ONE_OUT_ROW: query_scores(embeddings, labels)}
+    if unseen_group is not None:
+        scores[UNSEEN_GROUP_ROW] = query_scores(embeddings, labels, query_mask=unseen_group_queries(groups, unseen_group))
+    return scores
 
 
 @dataclass(frozen=True)

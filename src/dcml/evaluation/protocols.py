@@ -32,8 +32,19 @@ Metrics = dict[str, float | int]
 #: Row names, as results, tables, logs and ``evaluation.selection_metric`` ("<row>/<metric>") spell them.
 LEAVE_ONE_OUT_ROW = "leave_one_out"  # every image queries all the others
 CROSS_GROUP_ROW = "cross_vendor"  # the same, never retrieving the query's own group (emoji's groups are vendors)
+UNSEEN_GROUP_ROW = "unseen_vendor"  # a group training never saw (data.held_out_group) queries the other groups
 QUERY_GALLERY_ROW = "query_gallery"  # queries searched against a gallery split
 STANDARD_ROW = "standard"  # VehicleID's own protocol; its rows are "<test split>/standard" and "<test split>/leave_one_out"
+
+#: What each row measures, as ``dcml data info`` explains it.
+ROW_DESCRIPTIONS = {
+    LEAVE_ONE_OUT_ROW: "every test image queries all the others",
+    CROSS_GROUP_ROW: "every test image queries the other groups' test images (emoji: never its own vendor's)",
+    UNSEEN_GROUP_ROW: "training and validation leave one group out (data.held_out_group, emoji: a vendor); "
+                      "its test images query the other groups' test images",
+    QUERY_GALLERY_ROW: "the query split searched against the gallery split",
+    STANDARD_ROW: "one random gallery image per vehicle, the rest query it (mean over draws)",
+}
 
 #: Random gallery draws averaged by VehicleID's standard protocol.
 VEHICLEID_REPEATS = 10
@@ -101,6 +112,11 @@ def leave_one_out_and_cross_group(
     return {LEAVE_ONE_OUT_ROW: loo, CROSS_GROUP_ROW: cross}
 
 
+def unseen_group_queries(groups: np.ndarray, unseen_group: int) -> np.ndarray:
+    """The unseen row's query mask: that group's images query; every other group's images are the references."""
+    return np.asarray(groups) == unseen_group
+
+
 # ---------------------------------------------------------------------------- the protocols
 @dataclass(frozen=True)
 class ReportRow:
@@ -162,6 +178,11 @@ class LeaveOneOut(EvaluationProtocol):
         rows = {LEAVE_ONE_OUT_ROW: _row(spec, references, with_nmi)}
         if chosen.groups is not None:
             rows[CROSS_GROUP_ROW] = _row(spec, references, with_nmi, excludes_own_group=True)
+            # Only the evaluation splits keep the held-out group's images (validation has none).
+            if spec.unseen_group is not None and chosen.name in spec.splits:
+                others = int((~unseen_group_queries(chosen.groups, spec.unseen_group)).sum())
+                # No NMI: clustering does not depend on which images query (leave-one-out reports it).
+                rows[UNSEEN_GROUP_ROW] = _row(spec, others, False, excludes_own_group=True)
         return rows
 
     def evaluate(self, dataset, splits, embed, rows, *, with_nmi, seed):
@@ -169,7 +190,11 @@ class LeaveOneOut(EvaluationProtocol):
         ks = rows[LEAVE_ONE_OUT_ROW].ks
         x = l2_normalize(embed(chosen))
         if chosen.groups is not None:
-            return leave_one_out_and_cross_group(x, chosen.labels, chosen.groups, ks=ks, with_nmi=with_nmi, seed=seed)
+            metrics = leave_one_out_and_cross_group(x, chosen.labels, chosen.groups, ks=ks, with_nmi=with_nmi, seed=seed)
+            if UNSEEN_GROUP_ROW in rows:
+                queries = unseen_group_queries(chosen.groups, dataset.evaluation.unseen_group)
+                metrics[UNSEEN_GROUP_ROW] = retrieval_metrics(x, chosen.labels, ks=rows[UNSEEN_GROUP_ROW].ks, query_mask=queries)
+            return metrics
         return {LEAVE_ONE_OUT_ROW: evaluate_embeddings(x, chosen.labels, ks=ks, with_nmi=with_nmi, seed=seed)}
 
 

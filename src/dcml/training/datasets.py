@@ -42,6 +42,8 @@ def prepare_dataset(config: TrainConfig) -> Dataset:
         # A reader that carves its own validation classes (a flat folder) carves the configured share.
         options["val_fraction"] = config.data.validation_fraction
     dataset = load_dataset(config.data.dataset, Path(config.data.root).expanduser() if config.data.root else None, **options)
+    if config.data.held_out_group is not None:
+        dataset = dataset.holding_out(config.data.held_out_group)
     if config.evaluation.recall_ks is not None:
         spec = dataclasses.replace(dataset.evaluation, recall_ks=tuple(config.evaluation.recall_ks))
         dataset = dataclasses.replace(dataset, evaluation=spec)
