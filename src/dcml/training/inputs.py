@@ -210,6 +210,10 @@ def build_inputs(config, model, device: torch.device, *, shared: dict | None = N
     if not d.cache_frozen_features:
         if d.train_augmentation == "none":
             train_transform = test_transform
+        elif d.train_augmentation == "drawing":
+            from dcml.data.augment import drawing_augmentation
+
+            train_transform = drawing_augmentation(test_transform)
         else:
             train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
         return ImageInputs(train_transform, test_transform, loader, d.eval_batch_size, device)
