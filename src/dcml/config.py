@@ -58,6 +58,8 @@ MAX_PREFETCH_FACTOR = 128
 MAX_EMBEDDING_DIM = 65_536
 #: torch.distributed's timeout: one week is longer than any evaluation a rank waits for.
 MAX_TIMEOUT_MINUTES = 7 * 24 * 60
+#: Each view is a copy of the training split's frozen features in memory.
+MAX_AUGMENTED_VIEWS = 64
 #: A batch needs two classes (for negatives) and two images of a class (for positives); the upper
 #: ends bound one batch's memory. The sampler refuses what the configuration refuses.
 MIN_CLASSES_PER_BATCH, MAX_CLASSES_PER_BATCH = 2, 1024
@@ -78,6 +80,10 @@ class DataConfig:
     # The same computation as a full forward (up to float rounding): with train_augmentation "none" the input of the
     # frozen part never changes; needs model.trainable_blocks.
     cache_frozen_features: bool = False
+    # With cache_frozen_features and a train_augmentation: cache the frozen part's output of this many
+    # augmented copies of every training image (one frozen pass each, drawn from the seed); a training
+    # step takes one of them or the plain image. Augmentation at the cost of a few passes, not one per step.
+    augmented_views: int = 0
     num_workers: int = 0
     eval_batch_size: int = 128
     # Datasets without a validation split: share of training classes held out for model selection.
@@ -100,9 +106,15 @@ class DataConfig:
                 f"data.held_out_group must be a group name (emoji: a vendor) or null; got {self.held_out_group!r}")
         require(self.max_image_pixels >= 1,
                 f"data.max_image_pixels must be a positive number of pixels (width x height); got {self.max_image_pixels}")
+        require(0 <= self.augmented_views <= MAX_AUGMENTED_VIEWS,
+                f"data.augmented_views must be in 0..{MAX_AUGMENTED_VIEWS}; got {self.augmented_views}")
         if self.cache_frozen_features:
-            require(self.train_augmentation == "none",
-                    "data.cache_frozen_features needs data.train_augmentation=none (random crops change the frozen part's input)")
+            require(self.train_augmentation == "none" or self.augmented_views > 0,
+                    "data.cache_frozen_features needs data.train_augmentation=none (random crops change the frozen part's "
+                    "input), or data.augmented_views >= 1 (cache that many augmented copies)")
+        if self.augmented_views:
+            require(self.cache_frozen_features and self.train_augmentation != "none",
+                    "data.augmented_views needs data.cache_frozen_features=true and a data.train_augmentation other than none")
 
 
 @dataclass(frozen=True)

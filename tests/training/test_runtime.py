@@ -8,7 +8,7 @@ import torch
 
 from dcml.config import load_config
 from dcml.errors import UserError
-from dcml.training.inputs import _SeededEpoch
+from dcml.training.inputs import SeededEpoch
 from dcml.training.trainer import Trainer, autocast_for
 
 from .conftest import tiny_overrides
@@ -48,7 +48,7 @@ def test_augmentation_depends_on_the_seed_only(tiny_folder):
         def __len__(self):
             return 2
 
-    first, second = _SeededEpoch(), _SeededEpoch()
+    first, second = SeededEpoch(), SeededEpoch()
     first.sampler = second.sampler = Sampler()
     items = list(first)
     assert items == list(second)

@@ -3,7 +3,7 @@
 Not wired into the trainer yet. The loader workers then only read file bytes (:func:`read_encoded`);
 :class:`DeviceAugment` decodes a batch with ``torchvision.io.decode_jpeg(..., device=...)`` and
 applies RandomResizedCrop, an optional horizontal flip and normalisation to tensors there, from the
-same per-image seeds as the CPU path (``_SeededEpoch`` / ``_TrainImages`` in
+same per-image seeds as the CPU path (``SeededEpoch`` / ``_TrainImages`` in
 :mod:`dcml.training.inputs`).
 
 Same as the CPU path, exactly: the crop box and the flip. Each image's parameters are drawn by

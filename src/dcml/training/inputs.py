@@ -30,14 +30,39 @@ class _TrainImages(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, learner, seed = item
-        image = load_rgb(self.split.paths[index], max_pixels=self.max_pixels)
-        # The crop and flip of an image depend only on its seed, not on which worker process draws
-        # it or how long that worker has lived: results do not depend on num_workers or on
-        # persistent workers, and a resumed run repeats the augmentation exactly.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            image = self.transform(image)
+        image = seeded_transform(self.transform, load_rgb(self.split.paths[index], max_pixels=self.max_pixels), seed)
         return image, int(self.labels[index]), int(index), int(learner)
+
+
+def seeded_transform(transform, image, seed: int):
+    """``transform(image)`` with torch's generator seeded by ``seed`` (and restored afterwards).
+
+    The crop and flip of an image depend only on its seed, not on which worker process draws it or
+    how long that worker has lived: results do not depend on num_workers or on persistent workers,
+    and a resumed run repeats the augmentation exactly.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return transform(image)
+
+
+def _item_seeds(entropy: list[int], count: int) -> np.ndarray:
+    """``count`` per-item seeds from ``entropy`` (63-bit, so torch.manual_seed takes them)."""
+    return np.random.SeedSequence(entropy).generate_state(count, dtype=np.uint64) >> np.uint64(1)
+
+
+class _AugmentedImages(torch.utils.data.Dataset):
+    """One augmented view of every image of a split, in order: ``(tensor, index)`` like :class:`_EvalImages`."""
+
+    def __init__(self, split: Split, transform, seeds: np.ndarray, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self.split, self.transform, self.seeds, self.max_pixels = split, transform, seeds, max_pixels
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def __getitem__(self, index):
+        image = load_rgb(self.split.paths[index], max_pixels=self.max_pixels)
+        return seeded_transform(self.transform, image, int(self.seeds[index])), index
 
 
 class _EvalImages(torch.utils.data.Dataset):
@@ -53,7 +78,7 @@ class _EvalImages(torch.utils.data.Dataset):
         return self.transform(load_rgb(self.split.paths[index], max_pixels=self.max_pixels)), index
 
 
-class _SeededEpoch:
+class SeededEpoch:
     """The long-lived training loader's batch sampler: the current epoch's cluster sampler, every
     item paired with its augmentation seed (a function of seed, epoch, rank and position only)."""
 
@@ -70,7 +95,7 @@ class _SeededEpoch:
             entropy.append(int(s.rank))
         # Positions count from the epoch's first batch, also when a resumed epoch starts later.
         for position, batch in enumerate(s, start=s.first_batch):
-            seeds = np.random.SeedSequence(entropy + [position]).generate_state(len(batch), dtype=np.uint64) >> np.uint64(1)
+            seeds = _item_seeds(entropy + [position], len(batch))
             yield [(index, learner, int(seed)) for (index, learner), seed in zip(batch, seeds)]
 
 
@@ -110,7 +135,7 @@ class ImageInputs:
         self.train_transform, self.test_transform = train_transform, test_transform
         self.loader = loader
         self.eval_batch_size, self.device = eval_batch_size, device
-        self._epoch = _SeededEpoch()
+        self._epoch = SeededEpoch()
         self._train_loader = None
         self._train_key = None
 
@@ -141,13 +166,25 @@ class CachedInputs:
     Faithful: with no training augmentation the frozen units see the same test-transform input in
     every epoch, so caching their output computes the same function as running them each time (up
     to float rounding, which depends on how many images a convolution processes at once).
+
+    With ``views`` (``data.augmented_views``) the training batches also draw from augmented copies:
+    the frozen units' output of ``views`` augmented versions of every training image (``train_transform``,
+    drawn from the run's seed) is computed once; each item of a batch then takes one of the
+    ``views + 1`` versions (the plain one included), drawn from the seed, epoch and batch position,
+    so a resumed run draws the same ones. Augmentation then costs one frozen pass per view instead of
+    one per training step; what it gives up is variety (a fixed set of copies, not a new draw each
+    time an image is seen). Evaluation and the feature passes use the plain version only.
     """
 
     cached = True
 
     def __init__(self, model, test_transform, loader: LoaderSettings, eval_batch_size: int, device: torch.device,
-                 progress: bool = True, autocast=None):
+                 progress: bool = True, autocast=None, *, train_transform=None, views: int = 0):
+        if views and train_transform is None:
+            raise ValueError("augmented views need a train transform")
         self._model = model
+        self._train_transform, self.views = train_transform, int(views)
+        self._loader = loader
         self._images = ImageInputs(None, test_transform, loader, eval_batch_size, device)
         self._autocast = autocast if autocast is not None else contextlib.nullcontext
         self.eval_batch_size = eval_batch_size
@@ -176,12 +213,41 @@ class CachedInputs:
                                 progress=self.progress, desc=f"cache {split.name}")
         return torch.from_numpy(maps).contiguous(memory_format=torch.channels_last)
 
+    def _views_tensor(self, split: Split, seed: int) -> torch.Tensor:
+        """(views + 1) x N x ... : the plain version, then each augmented view of every image of ``split``."""
+        from dcml.model_runner import run_over_batches
+
+        key = ("views", self.views, int(seed), *self._key(split))
+        if key not in self.tensors:
+            versions = [self.tensor(split)]
+            for view in range(1, self.views + 1):
+                seeds = _item_seeds([int(seed), _VIEW_STREAM, view], split.num_images)
+                loader = torch.utils.data.DataLoader(
+                    _AugmentedImages(split, self._train_transform, seeds, self._loader.max_image_pixels),
+                    batch_size=self.eval_batch_size, shuffle=False, **self._loader.options(),
+                )
+                maps = run_over_batches(loader, self._model.frozen_forward, device=self.device, model=self._model,
+                                        autocast=self._autocast, total=split.num_images, progress=self.progress,
+                                        desc=f"cache {split.name} view {view}/{self.views}")
+                versions.append(torch.from_numpy(maps).contiguous(memory_format=torch.channels_last))
+            self.tensors[key] = torch.stack(versions)
+        return self.tensors[key]
+
     def train_batches(self, split: Split, labels: np.ndarray, batch_sampler):
-        source = self.tensor(split)
         labels_tensor = torch.as_tensor(labels)
-        for batch in batch_sampler:
+        if not self.views:
+            source = self.tensor(split)
+            for batch in batch_sampler:
+                indices = torch.as_tensor([index for index, _ in batch], dtype=torch.long)
+                yield source[indices], labels_tensor[indices], indices, int(batch[0][1])
+            return
+        s = batch_sampler
+        versions = self._views_tensor(split, s.seed)
+        entropy = [int(s.seed), _VIEW_STREAM, int(s.epoch)] + ([int(s.rank)] if s.num_replicas > 1 else [])
+        for position, batch in enumerate(s, start=s.first_batch):
             indices = torch.as_tensor([index for index, _ in batch], dtype=torch.long)
-            yield source[indices], labels_tensor[indices], indices, int(batch[0][1])
+            chosen = torch.from_numpy((_item_seeds(entropy + [position], len(batch)) % np.uint64(self.views + 1)).astype(np.int64))
+            yield versions[chosen, indices], labels_tensor[indices], indices, int(batch[0][1])
 
     def eval_batches(self, split: Split, indices: np.ndarray | None = None, batch_size: int | None = None):
         source = self.tensor(split)
@@ -192,10 +258,15 @@ class CachedInputs:
             yield (source[start : start + len(chunk)] if indices is None else source[chunk]), chunk
 
 
+#: Mixed into the entropy of augmented views and their choice, apart from the augmentation streams.
+_VIEW_STREAM = 0x76696577  # "view"
+
+
 def input_cache_key(config) -> tuple:
     """Runs with equal keys feed the same frozen units the same images: their cached outputs can be shared."""
     d, m = config.data, config.model
-    return (d.dataset, d.root, d.image_size, m.backbone, m.pretrained, m.weights, m.trainable_blocks)
+    return (d.dataset, d.root, d.image_size, m.backbone, m.pretrained, m.weights, m.trainable_blocks,
+            d.train_augmentation, d.augmented_views)
 
 
 def build_inputs(config, model, device: torch.device, *, shared: dict | None = None, progress: bool = True, autocast=None):
@@ -207,21 +278,22 @@ def build_inputs(config, model, device: torch.device, *, shared: dict | None = N
     loader = LoaderSettings(num_workers=d.num_workers, pin_memory=r.pin_memory and device.type == "cuda",
                             persistent_workers=r.persistent_workers, prefetch_factor=r.prefetch_factor,
                             max_image_pixels=d.max_image_pixels)
-    if not d.cache_frozen_features:
-        if d.train_augmentation == "none":
-            train_transform = test_transform
-        elif d.train_augmentation == "drawing":
-            from dcml.data.augment import drawing_augmentation
+    if d.train_augmentation == "none":
+        train_transform = test_transform
+    elif d.train_augmentation == "drawing":
+        from dcml.data.augment import drawing_augmentation
 
-            train_transform = drawing_augmentation(test_transform)
-        else:
-            train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
+        train_transform = drawing_augmentation(test_transform)
+    else:
+        train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
+    if not d.cache_frozen_features:
         return ImageInputs(train_transform, test_transform, loader, d.eval_batch_size, device)
     key = input_cache_key(config)
     if shared is not None and key in shared:
         return shared[key]
     # The frozen units hold the same (pretrained) weights in every run that shares this key.
-    inputs = CachedInputs(model, test_transform, loader, d.eval_batch_size, device, progress, autocast)
+    inputs = CachedInputs(model, test_transform, loader, d.eval_batch_size, device, progress, autocast,
+                          train_transform=train_transform, views=d.augmented_views)
     if shared is not None:
         shared[key] = inputs
     return inputs
