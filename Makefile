@@ -21,9 +21,9 @@ test-all:
 bench:
 	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/eval_speed.py
 
-## bench-dnc: K = 1 vs divide and conquer variants on emoji over 3 seeds (about 45 minutes on 2 cores)
+## bench-dnc: the study - variants vs K = 1 on emoji, 5 seeds, cross-vendor / leave-one-out / unseen-vendor, with intervals (CPU grid: ~80 min on 2 cores; ARGS="--variants ... --jobs N" on a GPU)
 bench-dnc:
-	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/dnc_vs_single.py
+	@venv=$$(scripts/env.sh) && PYTHONPATH="$(CURDIR)/src" "$$venv/bin/python" benchmarks/dnc_study.py $(ARGS)
 
 ## bench-throughput: training images/s of the configured pipeline vs a plain float32 loop (cub200 preset; ~5 min on 2 CPU cores)
 bench-throughput:

@@ -266,9 +266,16 @@ def section_evaluation(report, args, size, device) -> None:
 
 
 def section_study(report, args, remaining: float) -> None:
-    command = [sys.executable, str(HERE / "dnc_vs_single.py"), "--out", str(report.json.with_name(report.json.stem + "_study.json"))]
+    # The study's full grid, several runs at once (a GPU has room for many emoji runs); a run
+    # finished before the budget ends is kept in the folder, and `dnc_study.py --summarize` reads it.
+    from dnc_study import VARIANTS
+
+    command = [sys.executable, str(HERE / "dnc_study.py"), "--out", str(report.json.with_name(report.json.stem + "_study")),
+               "--jobs", "6", "--threads", "2", "--variants", *VARIANTS]
     if args.tiny:
-        command += ["--seeds", "0", "--epochs", "1"]
+        command = [sys.executable, str(HERE / "dnc_study.py"), "--out", str(report.json.with_name(report.json.stem + "_study")),
+                   "--seeds", "0", "--variants", "K1", "K4", "--settings", "all",
+                   "--set", "schedule.epochs=1", "--set", "schedule.conquer_epoch=null"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(remaining, 1))
         report.put("study", "emoji K=1 vs D&C", {"rc": done.returncode, "tail": done.stdout[-2000:] or done.stderr[-2000:]})

@@ -1,0 +1,421 @@
+"""Where divide and conquer helps: variants against the single metric (K = 1) on emoji, paired by seed.
+
+    python benchmarks/dnc_study.py                                  # the CPU grid (see CPU_GRID), seeds 0-4
+    python benchmarks/dnc_study.py --variants K1 K4 --seeds 0 1 --jobs 2
+    python benchmarks/dnc_study.py --summarize                      # tables + plot from the runs already done
+
+Every variant trains with the emoji preset (the demo's budget: 20 epochs x 80 batches of 20
+classes x 3 images, epoch selected on the validation classes) and differs only in its settings
+(VARIANTS). Each (variant, seed) trains twice:
+
+- ``all``: on every vendor; tested on the test classes cross-vendor and leave-one-out;
+- ``unseen``: without one vendor's images (``data.held_out_group``; train *and* validation, so the
+  selected epoch never saw that vendor either); tested with that vendor's test images querying the
+  other vendors' test images. The held-out vendor rotates with the seed (seed s holds out
+  VENDORS[s % 3]), so five seeds cover every vendor at least once.
+
+The zero-shot row (pretrained features, no training) is evaluated once per protocol and vendor.
+
+Each variant is compared with K = 1 *of the same seed* (same seed, same held-out vendor): the
+difference of the means of per-query scores (hit@1, AP@R). The 95% interval is a two-level
+percentile bootstrap: seeds are resampled with replacement, and within each drawn seed the test
+classes are resampled (a class's queries move together, the same draw for both models). It covers
+both the training seed's luck and the test classes'; with five seeds it is still coarse.
+
+Runs are stored one file per run under ``--out`` (JSON + per-query scores); a run already there is
+not trained again, so an interrupted study resumes, and ``--jobs`` workers (or several processes
+with disjoint ``--seeds``) share the folder. ``--summarize`` writes ``summary.json``,
+``summary.md`` and ``study.png`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+#: Settings of each variant, on top of the emoji preset. "K1" is the reference every other is compared with.
+#: Section 2's recipe: the drawing augmentation through 4 cached augmented views per image (the
+#: frozen units then run 5 times per image in all, not once per step: a CPU can afford it), and a
+#: fresh feature pass for re-clustering (augmented training features are not test-time ones).
+AUGMENTED = ["data.train_augmentation=drawing", "data.cache_frozen_features=true", "data.augmented_views=4",
+             "clustering.reuse_training_features=false"]
+AUGMENTED_SUFFIX = "-drawing-aug"
+VARIANTS: dict[str, list[str]] = {
+    "K1": ["clustering.learners=1"],
+    "K2": ["clustering.learners=2"],
+    "K4": ["clustering.learners=4"],
+    "K8": ["clustering.learners=8"],
+    "K4-masks": ["clustering.learners=4", "model.learner_head=masks"],
+    "K4-hierarchical": ["clustering.learners=4", "clustering.hierarchical=true"],
+    "K4-class": ["clustering.learners=4", "clustering.unit=class"],
+    "K4-embedding-space": ["clustering.learners=4", "clustering.space=embedding"],
+    "K4-fresh-pass": ["clustering.learners=4", "clustering.reuse_training_features=false"],
+    "K1-d512": ["clustering.learners=1", "model.embedding_dim=512"],
+    "K4-d512": ["clustering.learners=4", "model.embedding_dim=512"],
+    "K1-triplet": ["clustering.learners=1", "loss.name=triplet"],
+    "K4-triplet": ["clustering.learners=4", "loss.name=triplet"],
+    f"K1{AUGMENTED_SUFFIX}": ["clustering.learners=1", *AUGMENTED],
+    f"K4{AUGMENTED_SUFFIX}": ["clustering.learners=4", *AUGMENTED],
+}
+#: What two CPU cores can run in about an hour (documented in the README with its results).
+CPU_GRID = ("K1", "K4", f"K1{AUGMENTED_SUFFIX}", f"K4{AUGMENTED_SUFFIX}", "K2", "K8")
+REFERENCE = "K1"
+SETTINGS = ("all", "unseen")
+VENDORS = ("google", "twitter", "openmoji")
+PROTOCOLS = {"cross_vendor": "all", "leave_one_out": "all", "unseen_vendor": "unseen"}  # row -> setting it comes from
+METRICS = ("recall@1", "map@r")
+LEVEL = 0.95
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def held_out_vendor(seed: int) -> str:
+    return VENDORS[seed % len(VENDORS)]
+
+
+def run_name(variant: str, setting: str, seed: int) -> str:
+    return f"{variant}-{setting}-seed{seed}"
+
+
+def run_overrides(variant: str, setting: str, seed: int, extra: list[str]) -> list[str]:
+    overrides = [*extra, *VARIANTS[variant], f"seed={seed}"]
+    if setting == "unseen":
+        overrides.append(f"data.held_out_group={held_out_vendor(seed)}")
+    return overrides
+
+
+def _scores_of(embeddings, split, unseen_group):
+    from dcml.evaluation.paired import protocol_query_scores
+    from dcml.model_runner import l2_normalize
+
+    scores = protocol_query_scores(l2_normalize(embeddings), split.labels, split.groups, unseen_group=unseen_group)
+    return {f"{row}/{key}": value for row, s in scores.items()
+            for key, value in (("rows", s.rows), ("classes", s.classes), *((m, s.scores[m]) for m in METRICS))}
+
+
+#: One worker process's cached frozen-unit outputs, shared by the runs it trains (keyed by the images).
+_SHARED_INPUTS: dict = {}
+
+
+def train_one(job: tuple) -> str:
+    """Train one (variant, setting, seed), store its metrics and per-query test scores; returns its name."""
+    variant, setting, seed, extra, out, threads = job
+    import torch
+
+    torch.set_num_threads(threads)
+    from dcml.config import load_config
+    from dcml.training.trainer import Trainer, prepare_dataset
+
+    name = run_name(variant, setting, seed)
+    config = load_config("emoji", run_overrides(variant, setting, seed, extra))
+    dataset = prepare_dataset(config)
+    start = time.perf_counter()
+    trainer = Trainer(config, None, progress=False, echo=lambda _: None, dataset=dataset, shared_inputs=_SHARED_INPUTS)
+    result = trainer.fit()
+    test = dataset.split(dataset.evaluation.splits[0])
+    scores = _scores_of(trainer.embed(test), test, dataset.evaluation.unseen_group)
+    record = {
+        "variant": variant, "setting": setting, "seed": seed, "overrides": run_overrides(variant, setting, seed, extra),
+        "held_out_vendor": held_out_vendor(seed) if setting == "unseen" else None,
+        "test": result["test"], "selected_epoch": result["selected_epoch"], "val_score": result["selection_score"],
+        "history": [{"epoch": r["epoch"], "images": r["images"], "score": r.get("score"), "phase": r.get("phase")}
+                    for r in trainer.history],
+        "seconds": time.perf_counter() - start, "threads": threads,
+    }
+    _save(out, name, record, scores)
+    return name
+
+
+def zero_shot(out: Path, extra: list[str]) -> None:
+    """The pretrained backbone's features, for every protocol and held-out vendor (no training)."""
+    from dcml.config import load_config
+    from dcml.training.trainer import Trainer, prepare_dataset
+
+    for setting, vendor in [("all", None), *(("unseen", v) for v in VENDORS)]:
+        name = f"zero-shot-{setting}" + (f"-{vendor}" if vendor else "")
+        if (out / f"{name}.json").exists():
+            continue
+        config = load_config("emoji", [*extra, *([f"data.held_out_group={vendor}"] if vendor else [])])
+        dataset = prepare_dataset(config)
+        trainer = Trainer(config, None, progress=False, echo=lambda _: None, dataset=dataset, shared_inputs=_SHARED_INPUTS)
+        test = dataset.split(dataset.evaluation.splits[0])
+        rows = trainer.evaluate(None, with_nmi=False, space="backbone")
+        scores = _scores_of(trainer.embed(test, space="backbone"), test, dataset.evaluation.unseen_group)
+        _save(out, name, {"variant": "zero-shot", "setting": setting, "held_out_vendor": vendor, "test": rows}, scores)
+
+
+def _save(out: Path, name: str, record: dict, scores: dict) -> None:
+    from dcml.atomic_files import json_text, write_atomically
+
+    def npz(stream):
+        np.savez(stream, **scores)
+
+    text = json_text(record, indent=1).encode()
+    # The scores first: a run counts as done when its JSON exists.
+    write_atomically({out / f"{name}.npz": npz})
+    write_atomically({out / f"{name}.json": lambda s: s.write(text)})
+
+
+# ---------------------------------------------------------------------------- the summary
+def _load(out: Path, name: str):
+    record = json.loads((out / f"{name}.json").read_text())
+    with np.load(out / f"{name}.npz", allow_pickle=False) as data:
+        scores = {key: data[key] for key in data.files}
+    return record, scores
+
+
+def _per_class(scores: dict, row: str, metric: str):
+    """Per test class: (sum of the metric over its queries, number of queries), classes sorted."""
+    classes, values = scores[f"{row}/classes"], scores[f"{row}/{metric}"]
+    names, inverse = np.unique(classes, return_inverse=True)
+    return names, np.bincount(inverse, weights=values), np.bincount(inverse).astype(np.float64)
+
+
+def paired_seed_bootstrap(pairs: list[tuple[dict, dict]], row: str, metric: str, rng) -> dict:
+    """mean over seeds of mean(A) - mean(B), and its two-level bootstrap interval (seeds, then classes)."""
+    per_seed = []
+    for a, b in pairs:
+        names_a, sum_a, count_a = _per_class(a, row, metric)
+        names_b, sum_b, count_b = _per_class(b, row, metric)
+        if not (np.array_equal(names_a, names_b) and np.array_equal(count_a, count_b)):
+            raise ValueError(f"{row}: the two runs scored different queries")
+        per_seed.append((sum_a, sum_b, count_a))
+    differences = np.array([s_a.sum() / n.sum() - s_b.sum() / n.sum() for s_a, s_b, n in per_seed])
+    draws = np.empty(RESAMPLES)
+    seed_draws = rng.integers(0, len(per_seed), size=(RESAMPLES, len(per_seed)))
+    for b in range(RESAMPLES):
+        total = 0.0
+        for s in seed_draws[b]:
+            s_a, s_b, n = per_seed[s]
+            idx = rng.integers(0, len(n), size=len(n))
+            total += (s_a[idx].sum() - s_b[idx].sum()) / n[idx].sum()
+        draws[b] = total / len(per_seed)
+    low, high = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return {"difference": float(differences.mean()), "low": float(low), "high": float(high),
+            "per_seed": differences.tolist(), "seeds": len(per_seed)}
+
+
+def _mean_sd(values) -> dict:
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarize(out: Path) -> dict:
+    runs = {p.stem: p for p in out.glob("*.json") if p.stem not in ("summary",)}
+    done = {}
+    for stem in runs:
+        if stem.startswith("zero-shot"):
+            continue
+        record = json.loads((out / f"{stem}.json").read_text())
+        done[(record["variant"], record["setting"], record["seed"])] = stem
+    variants = [v for v in VARIANTS if any(key[0] == v for key in done)]
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    cache: dict = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = _load(out, name)
+        return cache[name]
+
+    summary: dict = {"level": LEVEL, "resamples": RESAMPLES, "variants": {}, "reference": REFERENCE,
+                     "held_out_vendor_rule": "seed s holds out VENDORS[s % 3] = " + ", ".join(VENDORS)}
+    for variant in variants:
+        entry: dict = {}
+        for row, setting in PROTOCOLS.items():
+            seeds = sorted(s for (v, st, s) in done if v == variant and st == setting)
+            if not seeds:
+                continue
+            metrics = {m: _mean_sd([get(done[(variant, setting, s)])[0]["test"][row][m] for s in seeds]) for m in METRICS}
+            item = {"seeds": seeds, "absolute": metrics}
+            paired = [s for s in seeds if (REFERENCE, setting, s) in done]
+            if variant != REFERENCE and paired:
+                pairs = [(get(done[(variant, setting, s)])[1], get(done[(REFERENCE, setting, s)])[1]) for s in paired]
+                item["minus_reference"] = {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
+            # D&C against K = 1 trained the same way (e.g. both with the augmentation).
+            same_recipe = REFERENCE + variant[len(variant.split("-")[0]):]  # "K4-drawing-aug" -> "K1-drawing-aug"
+            recipe_pairs = [s for s in seeds if (same_recipe, setting, s) in done]
+            if same_recipe not in (variant, REFERENCE) and recipe_pairs:
+                pairs = [(get(done[(variant, setting, s)])[1], get(done[(same_recipe, setting, s)])[1]) for s in recipe_pairs]
+                item["minus_same_recipe_k1"] = {"reference": same_recipe,
+                                                **{m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}}
+            zero_names = [f"zero-shot-all" if setting == "all" else f"zero-shot-unseen-{held_out_vendor(s)}" for s in seeds]
+            if all((out / f"{z}.json").exists() for z in zero_names):
+                pairs = [(get(done[(variant, setting, s)])[1], get(z)[1]) for s, z in zip(seeds, zero_names)]
+                item["minus_zero_shot"] = {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
+            if setting == "unseen":
+                item["by_vendor"] = {v: _mean_sd([get(done[(variant, setting, s)])[0]["test"][row]["recall@1"]
+                                                  for s in seeds if held_out_vendor(s) == v])
+                                     for v in VENDORS if any(held_out_vendor(s) == v for s in seeds)}
+            entry[row] = item
+        records = [get(done[(variant, "all", s)])[0] for s in sorted(s for (v, st, s) in done if v == variant and st == "all")]
+        if records:
+            entry["seconds_per_run"] = float(np.mean([r["seconds"] for r in records]))
+            entry["convergence"] = _convergence(records)
+        summary["variants"][variant] = entry
+    summary["zero_shot"] = {}
+    for row, setting in PROTOCOLS.items():
+        names = ["zero-shot-all"] if setting == "all" else [f"zero-shot-unseen-{v}" for v in VENDORS]
+        values = {n: get(n)[0]["test"][row]["recall@1"] for n in names if (out / f"{n}.json").exists()}
+        if values:
+            summary["zero_shot"][row] = values
+    from dcml.atomic_files import json_text, write_atomically
+
+    markdown = summary_markdown(summary).encode()
+    text = json_text(summary, indent=1).encode()
+    write_atomically({out / "summary.json": lambda s: s.write(text), out / "summary.md": lambda s: s.write(markdown)})
+    plot(summary, out / "study.png")
+    print(markdown.decode())
+    return summary
+
+
+def _convergence(records: list[dict]) -> dict:
+    """Validation Recall@1 (cross-vendor) after each epoch against training images seen, mean over seeds."""
+    epochs = min(len(r["history"]) for r in records)
+    images = np.cumsum([records[0]["history"][e]["images"] for e in range(epochs)])
+    scores = np.array([[r["history"][e]["score"] for e in range(epochs)] for r in records], dtype=np.float64)
+    return {"images": images.tolist(), "mean": scores.mean(0).tolist(), "sd": scores.std(0).tolist()}
+
+
+def _cell(d: dict) -> str:
+    return f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [f"Emoji test classes, Recall@1 in % (mean ± sd over seeds), and the difference from {REFERENCE} of the "
+             f"same seed with a {100 * summary['level']:.0f}% two-level bootstrap interval (seeds, then test classes). "
+             f"Unseen vendor: {summary['held_out_vendor_rule']}.", ""]
+    header = ["variant", "seeds"]
+    for row in PROTOCOLS:
+        header += [f"{row} R@1", f"minus {REFERENCE}"]
+    header += ["unseen minus zero-shot", "s/run"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---|---:|" + "---:|" * (len(header) - 2))
+    for variant, entry in summary["variants"].items():
+        seeds = sorted({s for row in PROTOCOLS if row in entry for s in entry[row]["seeds"]})
+        cells = [variant, str(len(seeds))]
+        for row in PROTOCOLS:
+            item = entry.get(row)
+            if item is None:
+                cells += ["-", "-"]
+                continue
+            a = item["absolute"]["recall@1"]
+            cells.append(f"{100 * a['mean']:.2f} ± {100 * a['sd']:.2f}")
+            cells.append(_cell(item["minus_reference"]["recall@1"]) if "minus_reference" in item else "-")
+        unseen = entry.get("unseen_vendor", {})
+        cells.append(_cell(unseen["minus_zero_shot"]["recall@1"]) if "minus_zero_shot" in unseen else "-")
+        cells.append(f"{entry.get('seconds_per_run', float('nan')):.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("MAP@R, difference from the reference:")
+    lines.append("")
+    for variant, entry in summary["variants"].items():
+        parts = [f"{row} {_cell(entry[row]['minus_reference']['map@r'])}" for row in PROTOCOLS
+                 if row in entry and "minus_reference" in entry[row]]
+        if parts:
+            lines.append(f"- {variant}: " + "; ".join(parts))
+    lines.append("")
+    for variant, entry in summary["variants"].items():
+        parts = [f"{row} {_cell(entry[row]['minus_same_recipe_k1']['recall@1'])}" for row in PROTOCOLS
+                 if "minus_same_recipe_k1" in entry.get(row, {})]
+        if parts:
+            reference = next(entry[row]["minus_same_recipe_k1"]["reference"] for row in PROTOCOLS if "minus_same_recipe_k1" in entry.get(row, {}))
+            lines.append(f"- {variant} minus {reference}, R@1: " + "; ".join(parts))
+    lines.append("")
+    for row, values in summary["zero_shot"].items():
+        lines.append(f"- zero-shot {row} R@1: " + ", ".join(f"{k.replace('zero-shot-', '')} {100 * v:.2f}" for k, v in values.items()))
+    for variant, entry in summary["variants"].items():
+        if "by_vendor" in entry.get("unseen_vendor", {}):
+            lines.append(f"- {variant} unseen-vendor R@1 by held-out vendor: " + ", ".join(
+                f"{v} {100 * s['mean']:.2f} (n={s['n']})" for v, s in entry["unseen_vendor"]["by_vendor"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dcml.atomic_files import write_atomically
+
+    variants = [v for v in summary["variants"] if v != REFERENCE]
+    figure, (forest, curves) = plt.subplots(1, 2, figsize=(12, 0.5 * max(len(variants), 4) + 2.5), dpi=110)
+    colours = dict(zip(PROTOCOLS, ("tab:blue", "tab:orange", "tab:green")))
+    for i, variant in enumerate(variants):
+        for j, row in enumerate(PROTOCOLS):
+            d = summary["variants"][variant].get(row, {}).get("minus_reference", {}).get("recall@1")
+            if d is None:
+                continue
+            y = i + (j - 1) * 0.22
+            forest.errorbar(100 * d["difference"], y, xerr=[[100 * (d["difference"] - d["low"])], [100 * (d["high"] - d["difference"])]],
+                            fmt="o", color=colours[row], capsize=3, label=row if i == 0 else None)
+    forest.axvline(0, color="grey", linestyle="--")
+    forest.set_yticks(range(len(variants)), variants)
+    forest.invert_yaxis()
+    forest.set_xlabel(f"Recall@1 minus {REFERENCE} (points, {100 * summary['level']:.0f}% interval)")
+    forest.legend(loc="best", fontsize=8)
+    forest.grid(True, axis="x", alpha=0.3)
+    for variant, entry in summary["variants"].items():
+        c = entry.get("convergence")
+        if c and (variant in ("K1", "K4") or variant.endswith("drawing-aug")):
+            images = np.array(c["images"]) / 1000
+            mean, sd = 100 * np.array(c["mean"]), 100 * np.array(c["sd"])
+            (line,) = curves.plot(images, mean, marker=".", label=variant)
+            curves.fill_between(images, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+    curves.set_xlabel("training images seen (thousands)")
+    curves.set_ylabel("validation cross-vendor Recall@1 (%), mean ± sd over seeds")
+    curves.grid(True, alpha=0.3)
+    curves.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    import io as _io
+
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    write_atomically({path: lambda s: s.write(buffer.getvalue())})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(CPU_GRID), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra setting for every run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each with --threads threads)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    parser.add_argument("--out", type=Path, default=Path("runs/dnc_study"))
+    parser.add_argument("--summarize", action="store_true", help="only write the summary of the runs in --out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        summarize(args.out)
+        return 0
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    zero_shot(args.out, args.overrides)
+    # Seeds outermost: a study cut short still has complete pairs for the seeds it reached.
+    jobs = [(v, st, s, args.overrides, args.out, threads) for s in args.seeds for v in args.variants for st in args.settings
+            if not (args.out / f"{run_name(v, st, s)}.json").exists()]
+    print(f"{len(jobs)} runs to train ({args.jobs} at a time, {threads} threads each)", flush=True)
+    start = time.perf_counter()
+    if args.jobs == 1:
+        for job in jobs:
+            print(f"{train_one(job)} done at {time.perf_counter() - start:.0f} s", flush=True)
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for name in pool.map(train_one, jobs):
+                print(f"{name} done at {time.perf_counter() - start:.0f} s", flush=True)
+    summarize(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

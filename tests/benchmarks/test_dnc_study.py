@@ -1,0 +1,71 @@
+"""The study's statistics and summary, on synthetic runs (no training): pairing, intervals, tables."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("dnc_study", ROOT / "benchmarks" / "dnc_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dnc_study"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def scores(rng, classes, rate):
+    """Per-query hit@1 / AP@R for every protocol row: ``classes`` test classes of three queries each."""
+    labels = np.repeat(np.arange(classes), 3)
+    out = {}
+    for row in ("cross_vendor", "leave_one_out", "unseen_vendor"):
+        hits = (rng.random(len(labels)) < rate).astype(np.float64)
+        out.update({f"{row}/rows": np.arange(len(labels)), f"{row}/classes": labels,
+                    f"{row}/recall@1": hits, f"{row}/map@r": hits * 0.8})
+    return out
+
+
+def test_the_two_level_bootstrap_covers_the_mean_of_per_seed_differences(study):
+    rng = np.random.default_rng(0)
+    pairs = [(scores(rng, 200, 0.6), scores(rng, 200, 0.5)) for _ in range(5)]
+    result = study.paired_seed_bootstrap(pairs, "cross_vendor", "recall@1", np.random.default_rng(1))
+    per_seed = [a["cross_vendor/recall@1"].mean() - b["cross_vendor/recall@1"].mean() for a, b in pairs]
+    assert result["difference"] == pytest.approx(np.mean(per_seed))
+    assert result["low"] < result["difference"] < result["high"]
+    assert result["low"] > 0  # a 10-point gap over 3,000 queries is clear
+    same = study.paired_seed_bootstrap([(a, a) for a, _ in pairs], "cross_vendor", "recall@1", np.random.default_rng(1))
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+
+
+def test_runs_scored_on_other_queries_are_not_paired(study):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="different queries"):
+        study.paired_seed_bootstrap([(scores(rng, 20, 0.5), scores(rng, 21, 0.5))], "cross_vendor", "recall@1", rng)
+
+
+def test_summary_pairs_by_seed_and_writes_its_files(study, tmp_path):
+    rng = np.random.default_rng(2)
+    history = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
+    for seed in (0, 1):
+        for variant, rate in (("K1", 0.5), ("K4", 0.55)):
+            for setting in study.SETTINGS:
+                s = scores(rng, 30, rate)
+                test = {row: {"recall@1": s[f"{row}/recall@1"].mean(), "map@r": s[f"{row}/map@r"].mean()}
+                        for row in study.PROTOCOLS}
+                record = {"variant": variant, "setting": setting, "seed": seed, "test": test, "history": history, "seconds": 1.0}
+                study._save(tmp_path, study.run_name(variant, setting, seed), record, s)
+    summary = study.summarize(tmp_path)
+    k4 = summary["variants"]["K4"]
+    assert k4["cross_vendor"]["seeds"] == [0, 1]
+    assert set(k4["cross_vendor"]["minus_reference"]) == {"recall@1", "map@r"}
+    assert "minus_reference" not in summary["variants"]["K1"]["cross_vendor"]
+    assert k4["unseen_vendor"]["by_vendor"].keys() == {"google", "twitter"}  # seeds 0 and 1 hold out these two
+    assert (tmp_path / "study.png").stat().st_size > 0
+    assert "| K4 | 2 |" in (tmp_path / "summary.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["reference"] == "K1"
