@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -49,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 AUGMENTED = ["data.train_augmentation=drawing", "data.cache_frozen_features=true", "data.augmented_views=4",
              "clustering.reuse_training_features=false"]
 AUGMENTED_SUFFIX = "-drawing-aug"
+#: One strong pytorch-metric-learning loss as the per-learner loss (its own miner, PML's defaults).
+MULTI_SIMILARITY = ["loss.name=pml", "loss.settings.loss_name=MultiSimilarityLoss",
+                    "loss.settings.miner_name=MultiSimilarityMiner"]
 VARIANTS: dict[str, list[str]] = {
     "K1": ["clustering.learners=1"],
     "K2": ["clustering.learners=2"],
@@ -63,6 +67,8 @@ VARIANTS: dict[str, list[str]] = {
     "K4-d512": ["clustering.learners=4", "model.embedding_dim=512"],
     "K1-triplet": ["clustering.learners=1", "loss.name=triplet"],
     "K4-triplet": ["clustering.learners=4", "loss.name=triplet"],
+    "K1-multisimilarity": ["clustering.learners=1", *MULTI_SIMILARITY],
+    "K4-multisimilarity": ["clustering.learners=4", *MULTI_SIMILARITY],
     f"K1{AUGMENTED_SUFFIX}": ["clustering.learners=1", *AUGMENTED],
     f"K4{AUGMENTED_SUFFIX}": ["clustering.learners=4", *AUGMENTED],
 }
@@ -410,7 +416,8 @@ def main() -> int:
         for job in jobs:
             print(f"{train_one(job)} done at {time.perf_counter() - start:.0f} s", flush=True)
     else:
-        with ProcessPoolExecutor(args.jobs) as pool:
+        # Spawned workers: the zero-shot pass has started OpenMP threads here, and a forked child would abort.
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for name in pool.map(train_one, jobs):
                 print(f"{name} done at {time.perf_counter() - start:.0f} s", flush=True)
     summarize(args.out)
