@@ -64,9 +64,9 @@ def test_bf16_needs_cuda():
 
 def test_the_bf16_autocast_path_trains(tiny_folder, monkeypatch):
     # CUDA's bf16 autocast, exercised on the CPU: the loss and the normalisation must get float32.
-    import dcml.training.trainer as trainer_module
+    import dcml.training.build as build_module  # where the trainer's parts, the autocast among them, are built
 
-    monkeypatch.setattr(trainer_module, "autocast_for", lambda precision, device: (lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    monkeypatch.setattr(build_module, "autocast_for", lambda precision, device: (lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
     trainer, result = _run(tiny_folder, PLAIN)
     assert all(np.isfinite(record["loss"]) for record in trainer.history)
     assert 0 <= result["test"]["leave_one_out"]["recall@1"] <= 1

@@ -68,3 +68,22 @@ class FeatureBank:
             return None
         return cls(state["features"].numpy().astype(np.float32, copy=True), state["visits"].numpy().astype(np.int64, copy=True),
                    int(state["epoch"]))
+
+
+def keeps_features_for(plans: list, epoch: int, reuse: bool) -> bool:
+    """Whether epoch ``epoch``'s training passes should fill a bank: reuse is on and the next epoch of
+    ``plans`` (:class:`~dcml.training.schedule.EpochPlan`) re-clusters into more than one cluster."""
+    if not reuse or epoch + 1 >= len(plans):
+        return False
+    upcoming = plans[epoch + 1]
+    return upcoming.recluster and upcoming.active_learners > 1
+
+
+def clustering_features(bank: FeatureBank | None, epoch: int, space: str, embed, head_embedding, dist: Distributed) -> np.ndarray:
+    """Features of every training image for epoch ``epoch``'s k-means in ``space``: the previous epoch's
+    ``bank`` completed, or a fresh pass ``embed(space, rows)`` (``rows=None``: every image) when there is none.
+    ``head_embedding(features)`` turns pooled backbone features into the full embedding."""
+    if bank is None or bank.epoch != epoch - 1:
+        return embed(space, None)
+    features = bank.completed(dist, lambda rows: embed("backbone", rows))
+    return features if space == "backbone" else head_embedding(features)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
@@ -131,3 +132,13 @@ def divergence_message(epoch: int, batch: int, saved: str, learning_rates: dict[
         hints += ", or bf16 overflow (try --set runtime.precision=fp32)"
     return (f"training diverged: the loss was not finite at epoch {epoch + 1}, batch {batch + 1}; {saved}. "
             f"Likely cause: {hints}")
+
+
+def kept_checkpoint(last: Path | None, epochs_done: int) -> str:
+    """What a diverged run keeps, for :func:`divergence_message`: ``last`` is its ``last.pt``
+    (None: this process writes no files); ``epochs_done``: the epochs that file holds when present."""
+    if last is None:
+        return "no checkpoint is written by this run"
+    if not last.is_file():
+        return "no checkpoint had been written yet"
+    return f"{last} keeps the state after epoch {epochs_done}, before the bad step"

@@ -10,35 +10,31 @@ report uses the selected epoch. This module only orchestrates those steps.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dcml.config import TrainConfig, validate_against_data
+from dcml.config import TrainConfig
 from dcml.data.records import Dataset, Split
 from dcml.atomic_files import save_json_atomically
 from dcml.training import checkpoint as ckpt
-from dcml.training.datasets import prepare_dataset
-from dcml.training.device import autocast_for, effective_precision, rank_seed, resolve_device, seed_everything
+from dcml.training.build import build_run, without_pretrained_weights  # noqa: F401 - the latter re-exported
+from dcml.training.datasets import prepare_dataset  # noqa: F401 - re-exported
+from dcml.training.device import autocast_for, effective_precision, resolve_device  # noqa: F401 - re-exported
 from dcml.training.distributed import SINGLE, Distributed
-from dcml.training.epoch import EpochLoop, epoch_sampler
-from dcml.training.feature_bank import FeatureBank
+from dcml.training.epoch import epoch_sampler
+from dcml.training.feature_bank import FeatureBank, clustering_features, keeps_features_for
 from dcml.training.reclustering import divide, kmeans_seed
 from dcml.training.run_files import write_config  # noqa: F401 - re-exported
 from dcml.training.run_state import EpochProgress, resume_run, write_last
 from dcml.training.schedule import EpochPlan, plan_schedule
 from dcml.training.selection import Selection
-from dcml.training.stopping import NonFiniteLoss, StopSignals, TrainingDiverged, TrainingStopped, divergence_message
+from dcml.training.stopping import (NonFiniteLoss, StopSignals, TrainingDiverged, TrainingStopped, divergence_message,
+                                   kept_checkpoint)
 
 METRICS_FILE = "metrics.json"
-
-
-def without_pretrained_weights(config: TrainConfig) -> TrainConfig:
-    """``config`` building a randomly initialised backbone (its weights are about to be replaced)."""
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained=False, weights=None))
 
 
 class Trainer:
@@ -49,61 +45,26 @@ class Trainer:
     def __init__(self, config: TrainConfig, out_dir: Path | None, *, progress: bool = True, echo=None,
                  dataset: Dataset | None = None, shared_inputs: dict | None = None, distributed: Distributed = SINGLE,
                  load_pretrained: bool = True, loggers: list | None = None):
-        from dcml.models.embedding_model import build_model
-        from dcml.training import preflight
-        from dcml.training.forward import ForwardForPhase, TrainForward
-        from dcml.training.inputs import build_inputs
-        from dcml.training.objective import Objective
-        from dcml.training.optim import build_optimizer
-        from dcml.training.split_embedder import SplitEmbedder
-
         self.config = config
         self.dist = distributed
-        preflight.check_distributed(config, distributed.enabled)
         self.out_dir = None if out_dir is None else Path(out_dir).expanduser()
         self.progress = progress and distributed.is_main
         echo = echo if echo is not None else (lambda message: print(message, flush=True))
         self.echo = echo if distributed.is_main else (lambda message: None)
-        self.device = resolve_device(config.device, distributed)
-        self.autocast = autocast_for(config.runtime.precision, self.device)
-        seed_everything(config.seed)
-
-        self.dataset = dataset if dataset is not None else prepare_dataset(config)
-        self.train_split = self.dataset.split("train")
-        self.val_split = self.dataset.split("val")
-        self.class_ids, self.train_labels = np.unique(self.train_split.labels, return_inverse=True)
-        self.train_labels = self.train_labels.astype(np.int64)
-
-        self.model = build_model(config if load_pretrained else without_pretrained_weights(config)).to(self.device)
-        if config.runtime.channels_last and self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        validate_against_data(config, len(self.class_ids), self.model.backbone.num_units, self.dataset.evaluation.protocol.value)
-        preflight.check_selection_metric(config, self.dataset)
-        self.loss = preflight.create_configured_loss(config, len(self.class_ids)).to(self.device)
-        self.objective_of_phase = Objective(self.model, self.loss, config.model.mask_regularization)
-        self.optimizer = build_optimizer(self.model, self.loss, config)
-        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.inputs = build_inputs(config, self.model, self.device, shared=shared_inputs, progress=self.progress,
-                                   autocast=self.autocast)
-        self.embedder = SplitEmbedder(self.model, self.inputs, self.device, self.autocast, distributed,
-                                      config.runtime.feature_batch_size, self.progress)
-        train_forward = TrainForward(self.model)
-        if config.runtime.compile:
-            train_forward.compile()
-        self.forward = ForwardForPhase(train_forward, distributed, self.device, broadcast_buffers=not config.model.freeze_bn_stats)
-        if distributed.enabled:
-            # Every rank starts from rank 0's weights (DDP broadcasts them); the randomness of
-            # dropout and negative sampling differs per rank.
-            seed_everything(rank_seed(config.seed, distributed.rank))
+        parts = build_run(config, distributed, progress=self.progress, dataset=dataset, shared_inputs=shared_inputs,
+                          load_pretrained=load_pretrained)
+        self.device, self.dataset = parts.device, parts.dataset
+        self.train_split, self.val_split, self.train_labels = parts.train_split, parts.val_split, parts.train_labels
+        self.model, self.loss, self.objective_of_phase = parts.model, parts.loss, parts.objective
+        self.optimizer, self.base_lrs = parts.optimizer, parts.base_lrs
+        self.inputs, self.embedder = parts.inputs, parts.embedder
 
         self.plans = plan_schedule(config)
         self.active_learners = self.plans[0].active_learners  # how the full embedding is assembled now
         self.clustering = None
         self.feature_bank: FeatureBank | None = None  # training-pass features kept for the next re-clustering
         self.stop = StopSignals()
-        self.epoch_loop = EpochLoop(model=self.model, forward=self.forward, optimizer=self.optimizer, loss=self.loss,
-                                    objective=self.objective_of_phase, inputs=self.inputs, device=self.device,
-                                    autocast=self.autocast, dist=distributed, stop=self.stop, progress_bar=self.progress)
+        self.epoch_loop = parts.epoch_loop(distributed, self.stop, progress_bar=self.progress)
         self.loggers = list(loggers or []) if distributed.is_main else []
         self.start_epoch = 0
         self.resumed_progress: EpochProgress | None = None  # an epoch a resume continues in its middle
@@ -136,34 +97,23 @@ class Trainer:
     # ------------------------------------------------------------------ clustering
     def recluster(self, plan: EpochPlan) -> None:
         """Divide the training set into ``plan.active_learners`` clusters for this epoch's batches."""
-        features = None
-        if plan.active_learners > 1:
-            start = time.perf_counter()
-            features = self.cluster_features(plan)
-            self.timings["recluster_features"] += time.perf_counter() - start
         start = time.perf_counter()
-        previous, c = self.clustering, self.config.clustering
+        features = self.cluster_features(plan) if plan.active_learners > 1 else None  # K = 1 needs none
+        features_done = time.perf_counter()
+        previous, seed = self.clustering, kmeans_seed(self.config.seed, plan.epoch)
         # One k-means (rank 0's) for the whole run: every rank then trains with the same clusters.
-        self.clustering = self.dist.on_main(lambda: divide(features, self.train_labels, plan.active_learners, previous, c,
-                                                           kmeans_seed(self.config.seed, plan.epoch)))
-        if plan.active_learners > 1:
-            self.timings["kmeans"] += time.perf_counter() - start
+        self.clustering = self.dist.on_main(lambda: divide(features, self.train_labels, plan.active_learners, previous,
+                                                           self.config.clustering, seed))
+        if plan.active_learners > 1:  # the timings count re-clustering work; K = 1 does none
+            self.timings["recluster_features"] += features_done - start
+            self.timings["kmeans"] += time.perf_counter() - features_done
 
     def cluster_features(self, plan: EpochPlan) -> np.ndarray:
         """Features of every training image for k-means: a fresh pass, or the training pass's (reuse)."""
-        space = self.config.clustering.space
-        bank, self.feature_bank = self.feature_bank, None
-        if bank is None or bank.epoch != plan.epoch - 1:
-            return self.embed(self.train_split, space)
-        features = bank.completed(self.dist, lambda rows: self.embed(self.train_split, "backbone", indices=rows))
-        return features if space == "backbone" else self.embedder.head_embedding(features, self.active_learners)
-
-    def _keeps_features_for(self, plan: EpochPlan) -> bool:
-        """Whether this epoch's training passes should be kept for the next epoch's re-clustering."""
-        if not self.config.clustering.reuse_training_features or plan.epoch + 1 >= len(self.plans):
-            return False
-        upcoming = self.plans[plan.epoch + 1]
-        return upcoming.recluster and upcoming.active_learners > 1
+        bank, self.feature_bank = self.feature_bank, None  # used up by this re-clustering
+        return clustering_features(bank, plan.epoch, self.config.clustering.space,
+                                   lambda space, rows: self.embed(self.train_split, space, indices=rows),
+                                   lambda features: self.embedder.head_embedding(features, self.active_learners), self.dist)
 
     # ------------------------------------------------------------------ one epoch
     def objective(self, plan: EpochPlan, raw: torch.Tensor, labels: torch.Tensor, learner: int) -> torch.Tensor:
@@ -179,7 +129,8 @@ class Trainer:
         if progress is None:
             progress = EpochProgress.start(plan.epoch, {}, plan.active_learners)
         sampler = epoch_sampler(self.config, self.train_labels, self.clustering, self.dist, plan.epoch, progress.batches)
-        if self._keeps_features_for(plan) and progress.bank is None:
+        reuse = self.config.clustering.reuse_training_features
+        if progress.bank is None and keeps_features_for(self.plans, plan.epoch, reuse):
             progress.bank = FeatureBank.empty(len(self.train_labels), self.model.backbone.feature_dim, plan.epoch)
 
         def save_stopped(stopped: EpochProgress, epoch_batches: int) -> str:
@@ -206,14 +157,8 @@ class Trainer:
             except NonFiniteLoss as bad:
                 rates = {group["name"]: group["lr"] for group in self.optimizer.param_groups}
                 precision = effective_precision(self.config.runtime.precision, self.device)
-                raise TrainingDiverged(divergence_message(bad.epoch, bad.batch, self._kept_checkpoint(), rates, precision)) from None
-
-    def _kept_checkpoint(self) -> str:
-        if not self.writes_files:
-            return "no checkpoint is written by this run"
-        if not (self.out_dir / ckpt.LAST).is_file():
-            return "no checkpoint had been written yet"
-        return f"{self.out_dir}/{ckpt.LAST} keeps the state after epoch {len(self.history)}, before the bad step"
+                kept = kept_checkpoint(self.out_dir / ckpt.LAST if self.writes_files else None, len(self.history))
+                raise TrainingDiverged(divergence_message(bad.epoch, bad.batch, kept, rates, precision)) from None
 
     def _fit(self) -> dict:
         run_start = time.perf_counter()
