@@ -123,3 +123,19 @@ def test_data_info_names_the_unseen_vendor_protocol_and_holds_out_on_request(mon
     assert "must be one of toy's vendors" in capsys.readouterr().err
     assert main(["data", "info", "toy"]) == 0
     assert "unseen_vendor: training and validation leave one group out" in capsys.readouterr().out
+
+
+def test_the_dry_run_says_which_vendor_is_held_out_and_how_many_views(monkeypatch):
+    from dcml.config import load_config
+    from dcml.training.dry_run import dry_run_report
+
+    toy = toy_dataset(np.random.default_rng(5))
+    monkeypatch.setattr("dcml.data.load_dataset", lambda name, root=None, **options: toy)
+    config = load_config("emoji", ["data.held_out_group=openmoji", "data.train_augmentation=drawing", "data.augmented_views=3",
+                                   "clustering.reuse_training_features=false", "model.pretrained=false", "device=cpu",
+                                   "sampler.classes_per_batch=4", "clustering.learners=2", "clustering.min_classes_per_cluster=2"])
+    report = dry_run_report(config)
+    assert "held out of train and val: openmoji" in report
+    assert "train augmentation drawing (3 cached augmented views per image)" in report
+    train_images = int((toy.split("train").groups != 2).sum())
+    assert f"train {toy.split('train').num_classes} classes / {train_images} images" in report

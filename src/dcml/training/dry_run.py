@@ -114,7 +114,9 @@ def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plan
                   else f"an epoch runs until the {s.epoch_length} cluster's pass over its {s.pass_unit} is done")
     trainable = "all" if m.trainable_blocks is None else f"the last {m.trainable_blocks}"
     lines = [
-        f"protocol: {protocol_of(spec).name} on {', '.join(spec.splits)}; Recall@K for K = {', '.join(map(str, spec.recall_ks))}",
+        f"protocol: {protocol_of(spec).name} on {', '.join(spec.splits)}; Recall@K for K = {', '.join(map(str, spec.recall_ks))}"
+        + (f"; held out of train and val: {d.held_out_group} (its test images query the others: the unseen_vendor row)"
+           if d.held_out_group is not None else ""),
         f"selection: {config.evaluation.selection_metric} on the {val.num_classes} validation classes "
         f"({val.num_images} images), " + ("after every epoch" if config.evaluation.every == 1
                                            else f"every {config.evaluation.every} epochs and after the last"),
@@ -122,7 +124,8 @@ def summary_lines(config: TrainConfig, dataset, device, blocks: int | None, plan
         f"every {c.recluster_every} epochs",
         f"batch: P x M = {s.classes_per_batch} classes x {s.images_per_class} images = "
         f"{s.classes_per_batch * s.images_per_class} images from one cluster; {epoch_rule}",
-        f"images: {d.image_size} px, train augmentation {d.train_augmentation}; backbone {m.backbone} "
+        f"images: {d.image_size} px, train augmentation {d.train_augmentation}"
+        + (f" ({d.augmented_views} cached augmented views per image)" if d.augmented_views else "") + f"; backbone {m.backbone} "
         f"({blocks if blocks is not None else '?'} blocks, {trainable} trainable); device {device}",
     ]
     import os
