@@ -216,12 +216,12 @@ def _mean_sd(values) -> dict:
 
 
 def summarize(out: Path) -> dict:
-    runs = {p.stem: p for p in out.glob("*.json") if p.stem not in ("summary",)}
     done = {}
-    for stem in runs:
-        if stem.startswith("zero-shot"):
+    for path in out.glob("*.json"):
+        stem = path.stem
+        if stem == "summary" or stem.startswith("zero-shot"):
             continue
-        record = json.loads((out / f"{stem}.json").read_text())
+        record = json.loads(path.read_text())
         done[(record["variant"], record["setting"], record["seed"])] = stem
     variants = [v for v in VARIANTS if any(key[0] == v for key in done)]
     rng = np.random.default_rng(BOOTSTRAP_SEED)

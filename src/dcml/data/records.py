@@ -7,6 +7,7 @@ emoji vendor (cross-vendor protocol) or a re-identification camera.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import warnings
 from dataclasses import dataclass, field
@@ -108,8 +109,7 @@ class Dataset:
                 continue
             keep = split.groups != group
             splits[name] = Split(name, tuple(p for p, k in zip(split.paths, keep) if k), split.labels[keep], split.groups[keep])
-        spec = EvaluationSpec(self.evaluation.protocol, self.evaluation.recall_ks, self.evaluation.splits, unseen_group=group)
-        return Dataset(self.name, self.root, splits, spec, self.group_names, self.group_kind, dict(self.extra_info))
+        return dataclasses.replace(self, splits=splits, evaluation=dataclasses.replace(self.evaluation, unseen_group=group))
 
     def info(self) -> dict:
         """Counts for `dcml data info`: totals and per split."""
