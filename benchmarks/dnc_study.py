@@ -353,21 +353,34 @@ def plot(summary: dict, path: Path) -> None:
 
     from dcml.atomic_files import write_atomically
 
-    variants = [v for v in summary["variants"] if v != REFERENCE]
-    figure, (forest, curves) = plt.subplots(1, 2, figsize=(12, 0.5 * max(len(variants), 4) + 2.5), dpi=110)
+    # One line per comparison: each variant against K1, and a recipe's D&C against its own K = 1
+    # (e.g. K4-drawing-aug against K1-drawing-aug), the comparison that isolates divide and conquer.
+    comparisons = []
+    for variant, entry in summary["variants"].items():
+        if variant == REFERENCE:
+            continue
+        if any("minus_reference" in entry.get(row, {}) for row in PROTOCOLS):
+            comparisons.append((f"{variant} − {REFERENCE}", {row: entry.get(row, {}).get("minus_reference") for row in PROTOCOLS}))
+        recipe = {row: entry[row]["minus_same_recipe_k1"] for row in PROTOCOLS if "minus_same_recipe_k1" in entry.get(row, {})}
+        if recipe:
+            reference = next(iter(recipe.values()))["reference"]
+            comparisons.append((f"{variant} − {reference}", recipe))
+    figure, (forest, curves) = plt.subplots(1, 2, figsize=(13, 0.5 * max(len(comparisons), 4) + 2.5), dpi=110)
     colours = dict(zip(PROTOCOLS, ("tab:blue", "tab:orange", "tab:green")))
-    for i, variant in enumerate(variants):
+    labelled: set = set()
+    for i, (_, differences) in enumerate(comparisons):
         for j, row in enumerate(PROTOCOLS):
-            d = summary["variants"][variant].get(row, {}).get("minus_reference", {}).get("recall@1")
+            d = (differences.get(row) or {}).get("recall@1")
             if d is None:
                 continue
             y = i + (j - 1) * 0.22
             forest.errorbar(100 * d["difference"], y, xerr=[[100 * (d["difference"] - d["low"])], [100 * (d["high"] - d["difference"])]],
-                            fmt="o", color=colours[row], capsize=3, label=row if i == 0 else None)
+                            fmt="o", color=colours[row], capsize=3, label=None if row in labelled else row)
+            labelled.add(row)
     forest.axvline(0, color="grey", linestyle="--")
-    forest.set_yticks(range(len(variants)), variants)
+    forest.set_yticks(range(len(comparisons)), [label for label, _ in comparisons], fontsize=8)
     forest.invert_yaxis()
-    forest.set_xlabel(f"Recall@1 minus {REFERENCE} (points, {100 * summary['level']:.0f}% interval)")
+    forest.set_xlabel(f"Recall@1 difference, paired by seed (points, {100 * summary['level']:.0f}% interval)")
     forest.legend(loc="best", fontsize=8)
     forest.grid(True, axis="x", alpha=0.3)
     for variant, entry in summary["variants"].items():
@@ -377,10 +390,14 @@ def plot(summary: dict, path: Path) -> None:
             mean, sd = 100 * np.array(c["mean"]), 100 * np.array(c["sd"])
             (line,) = curves.plot(images, mean, marker=".", label=variant)
             curves.fill_between(images, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+    if not curves.lines:
+        curves.text(0.5, 0.5, "no runs of the 'all' setting yet", ha="center", va="center", transform=curves.transAxes)
+    curves.set_title("convergence (runs on every vendor)", fontsize=9)
     curves.set_xlabel("training images seen (thousands)")
     curves.set_ylabel("validation cross-vendor Recall@1 (%), mean ± sd over seeds")
     curves.grid(True, alpha=0.3)
-    curves.legend(loc="lower right", fontsize=8)
+    if curves.lines:
+        curves.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     import io as _io
 
