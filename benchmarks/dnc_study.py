@@ -50,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 AUGMENTED = ["data.train_augmentation=drawing", "data.cache_frozen_features=true", "data.augmented_views=4",
              "clustering.reuse_training_features=false"]
 AUGMENTED_SUFFIX = "-drawing-aug"
+#: The same with the style steps too (flat colours, traced outlines, greyscale: dcml.data.augment).
+STYLE_AUGMENTED = ["data.train_augmentation=drawing_style", *AUGMENTED[1:]]
+STYLE_SUFFIX = "-drawing-style"
 #: One strong pytorch-metric-learning loss as the per-learner loss (its own miner, PML's defaults).
 MULTI_SIMILARITY = ["loss.name=pml", "loss.settings.loss_name=MultiSimilarityLoss",
                     "loss.settings.miner_name=MultiSimilarityMiner"]
@@ -71,6 +74,8 @@ VARIANTS: dict[str, list[str]] = {
     "K4-multisimilarity": ["clustering.learners=4", *MULTI_SIMILARITY],
     f"K1{AUGMENTED_SUFFIX}": ["clustering.learners=1", *AUGMENTED],
     f"K4{AUGMENTED_SUFFIX}": ["clustering.learners=4", *AUGMENTED],
+    f"K1{STYLE_SUFFIX}": ["clustering.learners=1", *STYLE_AUGMENTED],
+    f"K4{STYLE_SUFFIX}": ["clustering.learners=4", *STYLE_AUGMENTED],
 }
 #: What two CPU cores can run in about an hour (documented in the README with its results).
 CPU_GRID = ("K1", "K4", f"K1{AUGMENTED_SUFFIX}", f"K4{AUGMENTED_SUFFIX}", "K2", "K8")
@@ -108,6 +113,23 @@ def _scores_of(embeddings, split, unseen_group):
             for key, value in (("rows", s.rows), ("classes", s.classes), *((m, s.scores[m]) for m in METRICS))}
 
 
+def _validation_unseen(trainer, config, dataset, space: str = "embedding") -> dict | None:
+    """The unseen-vendor protocol on the *validation* classes: the held-out vendor's validation images
+    query the other vendors' validation images (R@1, MAP@R). Training and epoch selection never saw
+    these images; unlike the test classes they may choose between recipes (section 2's honest
+    selection: validation classes only, never the test images)."""
+    if dataset.evaluation.unseen_group is None:
+        return None
+    import dataclasses
+
+    from dcml.training.trainer import prepare_dataset
+
+    every_vendor = prepare_dataset(dataclasses.replace(config, data=dataclasses.replace(config.data, held_out_group=None)))
+    val = every_vendor.split("val")
+    scores = _scores_of(trainer.embed(val, space=space), val, dataset.evaluation.unseen_group)
+    return {metric: float(scores[f"unseen_vendor/{metric}"].mean()) for metric in METRICS}
+
+
 #: One worker process's cached frozen-unit outputs, shared by the runs it trains (keyed by the images).
 _SHARED_INPUTS: dict = {}
 
@@ -129,6 +151,7 @@ def train_one(job: tuple) -> str:
     result = trainer.fit()
     test = dataset.split(dataset.evaluation.splits[0])
     scores = _scores_of(trainer.embed(test), test, dataset.evaluation.unseen_group)
+    validation = _validation_unseen(trainer, config, dataset)
     record = {
         "variant": variant, "setting": setting, "seed": seed, "overrides": run_overrides(variant, setting, seed, extra),
         "held_out_vendor": held_out_vendor(seed) if setting == "unseen" else None,
@@ -136,6 +159,7 @@ def train_one(job: tuple) -> str:
         "history": [{"epoch": r["epoch"], "images": r["images"], "score": r.get("score"), "phase": r.get("phase")}
                     for r in trainer.history],
         "seconds": time.perf_counter() - start, "threads": threads,
+        **({"validation_unseen": validation} if validation is not None else {}),
     }
     _save(out, name, record, scores)
     return name
@@ -156,7 +180,9 @@ def zero_shot(out: Path, extra: list[str]) -> None:
         test = dataset.split(dataset.evaluation.splits[0])
         rows = trainer.evaluate(None, with_nmi=False, space="backbone")
         scores = _scores_of(trainer.embed(test, space="backbone"), test, dataset.evaluation.unseen_group)
-        _save(out, name, {"variant": "zero-shot", "setting": setting, "held_out_vendor": vendor, "test": rows}, scores)
+        validation = _validation_unseen(trainer, config, dataset, space="backbone")
+        _save(out, name, {"variant": "zero-shot", "setting": setting, "held_out_vendor": vendor, "test": rows,
+                          **({"validation_unseen": validation} if validation is not None else {})}, scores)
 
 
 def _save(out: Path, name: str, record: dict, scores: dict) -> None:
@@ -258,6 +284,9 @@ def summarize(out: Path) -> dict:
                 pairs = [(get(done[(variant, setting, s)])[1], get(z)[1]) for s, z in zip(seeds, zero_names)]
                 item["minus_zero_shot"] = {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
             if setting == "unseen":
+                validation = [get(done[(variant, setting, s)])[0].get("validation_unseen") for s in seeds]
+                if all(validation):  # runs from before this score was recorded have none
+                    item["validation_unseen"] = {m: _mean_sd([v[m] for v in validation]) for m in METRICS}
                 item["by_vendor"] = {v: _mean_sd([get(done[(variant, setting, s)])[0]["test"][row]["recall@1"]
                                                   for s in seeds if held_out_vendor(s) == v])
                                      for v in VENDORS if any(held_out_vendor(s) == v for s in seeds)}
@@ -281,6 +310,10 @@ def summarize(out: Path) -> dict:
         values = {n: get(n)[0]["test"][row]["recall@1"] for n in names if (out / f"{n}.json").exists()}
         if values:
             summary["zero_shot"][row] = values
+    validation = {v: get(f"zero-shot-unseen-{v}")[0].get("validation_unseen") for v in VENDORS
+                  if (out / f"zero-shot-unseen-{v}.json").exists()}
+    if validation and all(validation.values()):
+        summary["zero_shot"]["validation_unseen"] = {v: s["recall@1"] for v, s in validation.items()}
     from dcml.atomic_files import json_text, write_atomically
 
     markdown = summary_markdown(summary).encode()
@@ -347,6 +380,11 @@ def summary_markdown(summary: dict) -> str:
     for row, values in summary["zero_shot"].items():
         lines.append(f"- zero-shot {row} R@1: " + ", ".join(f"{k.replace('zero-shot-', '')} {100 * v:.2f}" for k, v in values.items()))
     for variant, entry in summary["variants"].items():
+        if "validation_unseen" in entry.get("unseen_vendor", {}):
+            v = entry["unseen_vendor"]["validation_unseen"]["recall@1"]
+            lines.append(f"- {variant} unseen-vendor R@1 on the validation classes (what recipes are chosen on): "
+                         f"{100 * v['mean']:.2f} ± {100 * v['sd']:.2f} (n={v['n']})")
+    for variant, entry in summary["variants"].items():
         if "by_vendor" in entry.get("unseen_vendor", {}):
             lines.append(f"- {variant} unseen-vendor R@1 by held-out vendor: " + ", ".join(
                 f"{v} {100 * s['mean']:.2f} (n={s['n']})" for v, s in entry["unseen_vendor"]["by_vendor"].items()))
@@ -393,7 +431,7 @@ def plot(summary: dict, path: Path) -> None:
     forest.grid(True, axis="x", alpha=0.3)
     for variant, entry in summary["variants"].items():
         c = entry.get("convergence")
-        if c and (variant in ("K1", "K4") or variant.endswith(AUGMENTED_SUFFIX)):
+        if c and (variant in ("K1", "K4") or variant.endswith((AUGMENTED_SUFFIX, STYLE_SUFFIX))):
             images = np.array(c["images"]) / 1000
             mean, sd = 100 * np.array(c["mean"]), 100 * np.array(c["sd"])
             (line,) = curves.plot(images, mean, marker=".", label=variant)

@@ -74,8 +74,9 @@ class DataConfig:
     image_size: int = 224
     # "crop_flip": RandomResizedCrop + horizontal flip (the paper); "crop": no flip; "none": test transform;
     # "drawing": small shifts, scalings and turns, colour, line-weight and blur changes, no flip
-    # (dcml.data.augment: styles of drawing such as emoji vendors').
-    train_augmentation: Literal["crop_flip", "crop", "none", "drawing"] = "crop_flip"
+    # (dcml.data.augment: styles of drawing such as emoji vendors'); "drawing_style": "drawing" plus style
+    # changes (flat colours, traced outlines, greyscale), for styles training never saw.
+    train_augmentation: Literal["crop_flip", "crop", "none", "drawing", "drawing_style"] = "crop_flip"
     # Run the frozen lower part of the backbone once per image and train on its cached output.
     # The same computation as a full forward (up to float rounding): with train_augmentation "none" the input of the
     # frozen part never changes; needs model.trainable_blocks.

@@ -280,10 +280,11 @@ def build_inputs(config, model, device: torch.device, *, shared: dict | None = N
                             max_image_pixels=d.max_image_pixels)
     if d.train_augmentation == "none":
         train_transform = test_transform
-    elif d.train_augmentation == "drawing":
-        from dcml.data.augment import drawing_augmentation
+    elif d.train_augmentation in ("drawing", "drawing_style"):
+        from dcml.data.augment import DrawingAugmentationSettings, DrawingStyleSettings, drawing_augmentation
 
-        train_transform = drawing_augmentation(test_transform)
+        style = DrawingStyleSettings() if d.train_augmentation == "drawing_style" else None
+        train_transform = drawing_augmentation(test_transform, DrawingAugmentationSettings(), style)
     else:
         train_transform = backbone.train_transform(d.image_size, horizontal_flip=d.train_augmentation == "crop_flip")
     if not d.cache_frozen_features:
