@@ -69,3 +69,26 @@ def test_summary_pairs_by_seed_and_writes_its_files(study, tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 0
     assert "| K4 | 2 |" in (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["reference"] == "K1"
+
+
+def test_a_recipe_is_paired_with_the_one_it_changes_and_validation_scores_are_summarised(study, tmp_path):
+    # No K1 at all: the style recipe is still compared with the plain augmentation of the same K.
+    rng = np.random.default_rng(3)
+    history = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
+    for seed in (0, 1, 2):
+        for variant, rate, validation in (("K4-drawing-aug", 0.4, 0.5), ("K4-drawing-style", 0.6, 0.7)):
+            s = scores(rng, 40, rate)
+            test = {row: {"recall@1": s[f"{row}/recall@1"].mean(), "map@r": s[f"{row}/map@r"].mean()} for row in study.PROTOCOLS}
+            record = {"variant": variant, "setting": "unseen", "seed": seed, "test": test, "history": history, "seconds": 1.0,
+                      "validation_unseen": {"recall@1": validation + 0.01 * seed, "map@r": validation / 2}}
+            study._save(tmp_path, study.run_name(variant, "unseen", seed), record, s)
+    summary = study.summarize(tmp_path)
+    style = summary["variants"]["K4-drawing-style"]["unseen_vendor"]
+    assert style["minus_other_recipe"]["reference"] == "K4-drawing-aug"
+    assert style["minus_other_recipe"]["recall@1"]["low"] > 0  # a 20-point gap on 360 queries
+    assert style["validation_unseen"]["recall@1"]["mean"] == pytest.approx(0.71)
+    assert "minus_other_recipe" not in summary["variants"]["K4-drawing-aug"]["unseen_vendor"]
+    assert summary["variants"]["K4-drawing-aug"]["convergence"]["seeds"] == [0, 1, 2]
+    text = (tmp_path / "summary.md").read_text()
+    assert "K4-drawing-style minus K4-drawing-aug, recall@1: unseen_vendor +" in text
+    assert "validation classes" in text
