@@ -264,6 +264,9 @@ def summarize(out: Path) -> dict:
 
     summary: dict = {"level": LEVEL, "resamples": RESAMPLES, "variants": {}, "reference": REFERENCE,
                      "held_out_vendor_rule": "seed s holds out VENDORS[s % 3] = " + ", ".join(VENDORS)}
+    # One setting for every variant's convergence curve, so that the curves are comparable.
+    convergence_setting = next((st for st in SETTINGS if all(any(v == variant and s_ == st for (v, s_, _) in done)
+                                                            for variant in variants)), None)
     for variant in variants:
         entry: dict = {}
         for row, setting in PROTOCOLS.items():
@@ -306,7 +309,7 @@ def summarize(out: Path) -> dict:
         # The convergence curves come from the all-vendor runs; a study without them (the CPU's reduced
         # grid) uses the unseen-vendor runs, whose validation classes lack the held-out vendor.
         # Only seeds the reference has too, so that K1's and a variant's curves average the same seeds.
-        for setting in SETTINGS:
+        for setting in ([convergence_setting] if convergence_setting else SETTINGS):
             # (A study without the reference, e.g. two recipes of one K, takes each variant's own seeds.)
             with_reference = any(v == REFERENCE and st == setting for (v, st, _) in done)
             seeds = sorted(s for (v, st, s) in done if v == variant and st == setting
