@@ -77,9 +77,9 @@ VARIANTS: dict[str, list[str]] = {
     f"K1{STYLE_SUFFIX}": ["clustering.learners=1", *STYLE_AUGMENTED],
     f"K4{STYLE_SUFFIX}": ["clustering.learners=4", *STYLE_AUGMENTED],
 }
-#: What two CPU cores can run in about an hour (documented in the README with its results).
 #: Besides K = 1: a variant against the one it changes one thing of (paired by seed as well).
 SAME_K_OTHER_RECIPE = {f"K1{STYLE_SUFFIX}": f"K1{AUGMENTED_SUFFIX}", f"K4{STYLE_SUFFIX}": f"K4{AUGMENTED_SUFFIX}"}
+#: What two CPU cores can run in about an hour (documented in the README with its results).
 CPU_GRID = ("K1", "K4", f"K1{AUGMENTED_SUFFIX}", f"K4{AUGMENTED_SUFFIX}", "K2", "K8")
 REFERENCE = "K1"
 SETTINGS = ("all", "unseen")
@@ -275,22 +275,23 @@ def summarize(out: Path) -> dict:
                 continue
             metrics = {m: _mean_sd([get(done[(variant, setting, s)])[0]["test"][row][m] for s in seeds]) for m in METRICS}
             item = {"seeds": seeds, "absolute": metrics}
-            paired = [s for s in seeds if (REFERENCE, setting, s) in done]
-            if variant != REFERENCE and paired:
-                pairs = [(get(done[(variant, setting, s)])[1], get(done[(REFERENCE, setting, s)])[1]) for s in paired]
-                item["minus_reference"] = {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
+            def minus(other: str) -> dict | None:
+                """This variant minus ``other`` on the seeds both ran (None: no common seed)."""
+                common = [s for s in seeds if (other, setting, s) in done]
+                if other == variant or not common:
+                    return None
+                pairs = [(get(done[(variant, setting, s)])[1], get(done[(other, setting, s)])[1]) for s in common]
+                return {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
+
+            if (difference := minus(REFERENCE)) is not None:
+                item["minus_reference"] = difference
             # D&C against K = 1 trained the same way (e.g. both with the augmentation).
             same_recipe = REFERENCE + variant[len(variant.split("-")[0]):]  # "K4-drawing-aug" -> "K1-drawing-aug"
-            recipe_pairs = [s for s in seeds if (same_recipe, setting, s) in done]
-            if same_recipe not in (variant, REFERENCE) and recipe_pairs:
-                pairs = [(get(done[(variant, setting, s)])[1], get(done[(same_recipe, setting, s)])[1]) for s in recipe_pairs]
-                item["minus_same_recipe_k1"] = {"reference": same_recipe,
-                                                **{m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}}
+            if same_recipe != REFERENCE and (difference := minus(same_recipe)) is not None:
+                item["minus_same_recipe_k1"] = {"reference": same_recipe, **difference}
             other = SAME_K_OTHER_RECIPE.get(variant)
-            other_pairs = [s for s in seeds if (other, setting, s) in done]
-            if other_pairs:
-                pairs = [(get(done[(variant, setting, s)])[1], get(done[(other, setting, s)])[1]) for s in other_pairs]
-                item["minus_other_recipe"] = {"reference": other, **{m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}}
+            if other is not None and (difference := minus(other)) is not None:
+                item["minus_other_recipe"] = {"reference": other, **difference}
             zero_names = [f"zero-shot-all" if setting == "all" else f"zero-shot-unseen-{held_out_vendor(s)}" for s in seeds]
             if all((out / f"{z}.json").exists() for z in zero_names):
                 pairs = [(get(done[(variant, setting, s)])[1], get(z)[1]) for s, z in zip(seeds, zero_names)]
