@@ -148,8 +148,13 @@ def test_every_bad_request_gets_its_4xx_with_a_one_line_reason(small_server, ser
                   (client.delete("/search"), 405)]
         for response, status in others:
             assert response.status_code == status and "\n" not in response.json()["error"], response.text
-        # A body streamed without a Content-Length is cut off at the limit too.
-        chunked = client.post("/embed", content=iter([b"x" * 65536] * 5), headers={"content-type": "multipart/form-data; boundary=b"})
+        # A body streamed without a Content-Length is cut off at the limit too. The stream opens a
+        # well-formed file part, so the form parser keeps reading until the gate stops it (a stream
+        # of garbage may instead be refused as bad multipart, 400, by whichever comes first).
+        part_head = (b'--b\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\n'
+                     b"Content-Type: image/png\r\n\r\n")
+        chunked = client.post("/embed", content=iter([part_head] + [b"x" * 65536] * 5),
+                              headers={"content-type": "multipart/form-data; boundary=b"})
         assert chunked.status_code == 413, chunked.text
         # ... and nothing above killed the server or its model thread.
         assert client.get("/health").json()["status"] == "ok"
