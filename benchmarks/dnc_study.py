@@ -78,13 +78,14 @@ VARIANTS: dict[str, list[str]] = {
     f"K4{STYLE_SUFFIX}": ["clustering.learners=4", *STYLE_AUGMENTED],
     # Section 2's next steps on the style recipe: more trained units (stage 5 too), a longer schedule
     # (the selected epoch was among the last three of 20 in every style run; conquer at the same 70%).
+    f"K1{STYLE_SUFFIX}-blocks9": ["clustering.learners=1", *STYLE_AUGMENTED, "model.trainable_blocks=9"],
     f"K4{STYLE_SUFFIX}-blocks9": ["clustering.learners=4", *STYLE_AUGMENTED, "model.trainable_blocks=9"],
     f"K4{STYLE_SUFFIX}-epochs30": ["clustering.learners=4", *STYLE_AUGMENTED, "schedule.epochs=30",
                                    "schedule.conquer_epoch=21"],
 }
 #: Besides K = 1: a variant against the one it changes one thing of (paired by seed as well).
 SAME_K_OTHER_RECIPE = {f"K1{STYLE_SUFFIX}": f"K1{AUGMENTED_SUFFIX}", f"K4{STYLE_SUFFIX}": f"K4{AUGMENTED_SUFFIX}",
-                       f"K4{STYLE_SUFFIX}-blocks9": f"K4{STYLE_SUFFIX}", f"K4{STYLE_SUFFIX}-epochs30": f"K4{STYLE_SUFFIX}"}
+                       f"K1{STYLE_SUFFIX}-blocks9": f"K1{STYLE_SUFFIX}", f"K4{STYLE_SUFFIX}-blocks9": f"K4{STYLE_SUFFIX}", f"K4{STYLE_SUFFIX}-epochs30": f"K4{STYLE_SUFFIX}"}
 #: What two CPU cores can run in about an hour (documented in the README with its results).
 CPU_GRID = ("K1", "K4", f"K1{AUGMENTED_SUFFIX}", f"K4{AUGMENTED_SUFFIX}", "K2", "K8")
 REFERENCE = "K1"
