@@ -92,3 +92,18 @@ def test_a_recipe_is_paired_with_the_one_it_changes_and_validation_scores_are_su
     text = (tmp_path / "summary.md").read_text()
     assert "K4-drawing-style minus K4-drawing-aug, recall@1: unseen_vendor +" in text
     assert "validation classes" in text
+
+
+@pytest.mark.parametrize("setting", ["all", "unseen"])
+def test_every_variant_is_a_valid_emoji_config_and_its_pairs_exist(study, setting):
+    from dcml.config import load_config
+
+    for variant in study.VARIANTS:
+        for seed in range(len(study.VENDORS)):
+            config = load_config("emoji", study.run_overrides(variant, setting, seed, []))
+            assert config.seed == seed
+            if setting == "unseen":
+                assert config.data.held_out_group == study.held_out_vendor(seed)
+    for variant, other in study.SAME_K_OTHER_RECIPE.items():
+        assert variant in study.VARIANTS and other in study.VARIANTS
+        assert variant.split("-")[0] == other.split("-")[0], "a same-K pair must share K"
