@@ -84,8 +84,13 @@ VARIANTS: dict[str, list[str]] = {
                                    "schedule.conquer_epoch=21"],
 }
 #: Besides K = 1: a variant against the one it changes one thing of (paired by seed as well).
-SAME_K_OTHER_RECIPE = {f"K1{STYLE_SUFFIX}": f"K1{AUGMENTED_SUFFIX}", f"K4{STYLE_SUFFIX}": f"K4{AUGMENTED_SUFFIX}",
-                       f"K1{STYLE_SUFFIX}-blocks9": f"K1{STYLE_SUFFIX}", f"K4{STYLE_SUFFIX}-blocks9": f"K4{STYLE_SUFFIX}", f"K4{STYLE_SUFFIX}-epochs30": f"K4{STYLE_SUFFIX}"}
+SAME_K_OTHER_RECIPE = {
+    f"K1{STYLE_SUFFIX}": f"K1{AUGMENTED_SUFFIX}",
+    f"K4{STYLE_SUFFIX}": f"K4{AUGMENTED_SUFFIX}",
+    f"K1{STYLE_SUFFIX}-blocks9": f"K1{STYLE_SUFFIX}",
+    f"K4{STYLE_SUFFIX}-blocks9": f"K4{STYLE_SUFFIX}",
+    f"K4{STYLE_SUFFIX}-epochs30": f"K4{STYLE_SUFFIX}",
+}
 #: What two CPU cores can run in about an hour (documented in the README with its results).
 CPU_GRID = ("K1", "K4", f"K1{AUGMENTED_SUFFIX}", f"K4{AUGMENTED_SUFFIX}", "K2", "K8")
 REFERENCE = "K1"
