@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -252,12 +253,22 @@ def paired_seed_bootstrap(pairs: list[tuple[dict, dict]], row: str, metric: str,
             "per_seed": differences.tolist(), "seeds": len(per_seed)}
 
 
+def comparison_rng(*names: str) -> np.random.Generator:
+    """The bootstrap's random stream for one comparison, named e.g. ("K4", "K1", "unseen_vendor", "recall@1").
+
+    Each comparison draws from its own stream, so that its interval does not move when other variants
+    or runs are added to the study (one shared stream would hand every later comparison other draws).
+    """
+    key = zlib.crc32("\x1f".join(names).encode())  # stable across processes, unlike hash()
+    return np.random.default_rng([BOOTSTRAP_SEED, key])
+
+
 def _mean_sd(values) -> dict:
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(out: Path) -> dict:
+def summarize(out: Path, with_plot: bool = True) -> dict:
     done = {}
     for path in out.glob("*.json"):
         stem = path.stem
@@ -266,7 +277,6 @@ def summarize(out: Path) -> dict:
         record = json.loads(path.read_text())
         done[(record["variant"], record["setting"], record["seed"])] = stem
     variants = [v for v in VARIANTS if any(key[0] == v for key in done)]
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
     cache: dict = {}
 
     def get(name):
@@ -293,7 +303,7 @@ def summarize(out: Path) -> dict:
                 if other == variant or not common:
                     return None
                 pairs = [(get(done[(variant, setting, s)])[1], get(done[(other, setting, s)])[1]) for s in common]
-                return {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
+                return {m: paired_seed_bootstrap(pairs, row, m, comparison_rng(variant, other, row, m)) for m in METRICS}
 
             if (difference := minus(REFERENCE)) is not None:
                 item["minus_reference"] = difference
@@ -307,7 +317,8 @@ def summarize(out: Path) -> dict:
             zero_names = [f"zero-shot-all" if setting == "all" else f"zero-shot-unseen-{held_out_vendor(s)}" for s in seeds]
             if all((out / f"{z}.json").exists() for z in zero_names):
                 pairs = [(get(done[(variant, setting, s)])[1], get(z)[1]) for s, z in zip(seeds, zero_names)]
-                item["minus_zero_shot"] = {m: paired_seed_bootstrap(pairs, row, m, rng) for m in METRICS}
+                item["minus_zero_shot"] = {m: paired_seed_bootstrap(pairs, row, m, comparison_rng(variant, "zero-shot", row, m))
+                                           for m in METRICS}
             if setting == "unseen":
                 validation = [get(done[(variant, setting, s)])[0].get("validation_unseen") for s in seeds]
                 if all(validation):  # runs from before this score was recorded have none
@@ -347,7 +358,8 @@ def summarize(out: Path) -> dict:
     markdown = summary_markdown(summary).encode()
     text = json_text(summary, indent=1).encode()
     write_atomically({out / "summary.json": lambda s: s.write(text), out / "summary.md": lambda s: s.write(markdown)})
-    plot(summary, out / "study.png")
+    if with_plot:  # matplotlib is most of a summary's time
+        plot(summary, out / "study.png")
     print(markdown.decode())
     return summary
 

@@ -94,6 +94,26 @@ def test_a_recipe_is_paired_with_the_one_it_changes_and_validation_scores_are_su
     assert "validation classes" in text
 
 
+def test_an_interval_does_not_move_when_other_variants_join_the_study(study, tmp_path):
+    rng = np.random.default_rng(4)
+    history = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
+
+    def write(variant, rate):
+        for seed in (0, 1):
+            s = scores(rng, 30, rate)
+            test = {row: {"recall@1": s[f"{row}/recall@1"].mean(), "map@r": s[f"{row}/map@r"].mean()} for row in study.PROTOCOLS}
+            record = {"variant": variant, "setting": "unseen", "seed": seed, "test": test, "history": history, "seconds": 1.0}
+            study._save(tmp_path, study.run_name(variant, "unseen", seed), record, s)
+
+    write("K1", 0.5)
+    write("K4", 0.6)
+    before = study.summarize(tmp_path, with_plot=False)["variants"]["K4"]["unseen_vendor"]["minus_reference"]
+    write("K2", 0.55)  # "K2" sorts before "K4" in VARIANTS, so a shared stream would hand K4 other draws
+    variants = study.summarize(tmp_path, with_plot=False)["variants"]
+    assert variants["K4"]["unseen_vendor"]["minus_reference"] == before
+    assert "minus_reference" in variants["K2"]["unseen_vendor"]
+
+
 @pytest.mark.parametrize("setting", ["all", "unseen"])
 def test_every_variant_is_a_valid_emoji_config(study, setting):
     from dcml.config import load_config
