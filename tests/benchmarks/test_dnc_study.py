@@ -130,3 +130,13 @@ def test_every_same_k_pair_names_two_variants_of_one_k(study):
     for variant, other in study.SAME_K_OTHER_RECIPE.items():
         assert variant in study.VARIANTS and other in study.VARIANTS
         assert variant.split("-")[0] == other.split("-")[0], "a same-K pair must share K"
+
+
+def test_the_emoji_styles_preset_is_the_studys_unseen_vendor_recipe(study):
+    # The preset users train with must be the recipe the README's unseen-vendor figures measured.
+    from dcml.config import load_config
+
+    preset = load_config("emoji-styles").to_dict()
+    measured = load_config("emoji", study.VARIANTS["K4-drawing-style-blocks9"]).to_dict()
+    assert preset == measured
+    assert preset != load_config("emoji").to_dict()
