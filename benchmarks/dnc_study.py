@@ -164,7 +164,9 @@ def train_one(job: tuple) -> str:
     config = load_config("emoji", run_overrides(variant, setting, seed, extra))
     dataset = prepare_dataset(config)
     start = time.perf_counter()
-    trainer = Trainer(config, None, progress=False, echo=lambda _: None, dataset=dataset, shared_inputs=_SHARED_INPUTS)
+    # One line per epoch, named, so that an hour-long run shows where it is (runs share one log).
+    trainer = Trainer(config, None, progress=False, echo=lambda line: print(f"{name}: {line}", flush=True),
+                      dataset=dataset, shared_inputs=_SHARED_INPUTS)
     result = trainer.fit()
     test = dataset.split(dataset.evaluation.splits[0])
     scores = _scores_of(trainer.embed(test), test, dataset.evaluation.unseen_group)
