@@ -31,6 +31,17 @@ def scores(rng, classes, rate):
     return out
 
 
+HISTORY = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
+
+
+def save_run(study, out, variant, setting, seed, per_query, **extra):
+    """A finished study run with these per-query scores (its test metrics are their means)."""
+    test = {row: {"recall@1": per_query[f"{row}/recall@1"].mean(), "map@r": per_query[f"{row}/map@r"].mean()}
+            for row in study.PROTOCOLS}
+    record = {"variant": variant, "setting": setting, "seed": seed, "test": test, "history": HISTORY, "seconds": 1.0, **extra}
+    study._save(out, study.run_name(variant, setting, seed), record, per_query)
+
+
 def test_the_two_level_bootstrap_covers_the_mean_of_per_seed_differences(study):
     rng = np.random.default_rng(0)
     pairs = [(scores(rng, 200, 0.6), scores(rng, 200, 0.5)) for _ in range(5)]
@@ -51,15 +62,10 @@ def test_runs_scored_on_other_queries_are_not_paired(study):
 
 def test_summary_pairs_by_seed_and_writes_its_files(study, tmp_path):
     rng = np.random.default_rng(2)
-    history = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
     for seed in (0, 1):
         for variant, rate in (("K1", 0.5), ("K4", 0.55)):
             for setting in study.SETTINGS:
-                s = scores(rng, 30, rate)
-                test = {row: {"recall@1": s[f"{row}/recall@1"].mean(), "map@r": s[f"{row}/map@r"].mean()}
-                        for row in study.PROTOCOLS}
-                record = {"variant": variant, "setting": setting, "seed": seed, "test": test, "history": history, "seconds": 1.0}
-                study._save(tmp_path, study.run_name(variant, setting, seed), record, s)
+                save_run(study, tmp_path, variant, setting, seed, scores(rng, 30, rate))
     summary = study.summarize(tmp_path)
     k4 = summary["variants"]["K4"]
     assert k4["cross_vendor"]["seeds"] == [0, 1]
@@ -74,14 +80,10 @@ def test_summary_pairs_by_seed_and_writes_its_files(study, tmp_path):
 def test_a_recipe_is_paired_with_the_one_it_changes_and_validation_scores_are_summarised(study, tmp_path):
     # No K1 at all: the style recipe is still compared with the plain augmentation of the same K.
     rng = np.random.default_rng(3)
-    history = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
     for seed in (0, 1, 2):
         for variant, rate, validation in (("K4-drawing-aug", 0.4, 0.5), ("K4-drawing-style", 0.6, 0.7)):
-            s = scores(rng, 40, rate)
-            test = {row: {"recall@1": s[f"{row}/recall@1"].mean(), "map@r": s[f"{row}/map@r"].mean()} for row in study.PROTOCOLS}
-            record = {"variant": variant, "setting": "unseen", "seed": seed, "test": test, "history": history, "seconds": 1.0,
-                      "validation_unseen": {"recall@1": validation + 0.01 * seed, "map@r": validation / 2}}
-            study._save(tmp_path, study.run_name(variant, "unseen", seed), record, s)
+            save_run(study, tmp_path, variant, "unseen", seed, scores(rng, 40, rate),
+                     validation_unseen={"recall@1": validation + 0.01 * seed, "map@r": validation / 2})
     summary = study.summarize(tmp_path)
     style = summary["variants"]["K4-drawing-style"]["unseen_vendor"]
     assert style["minus_other_recipe"]["reference"] == "K4-drawing-aug"
@@ -96,14 +98,10 @@ def test_a_recipe_is_paired_with_the_one_it_changes_and_validation_scores_are_su
 
 def test_an_interval_does_not_move_when_other_variants_join_the_study(study, tmp_path):
     rng = np.random.default_rng(4)
-    history = [{"epoch": e, "images": 100, "score": 0.1 * e, "phase": "divide"} for e in range(3)]
 
     def write(variant, rate):
         for seed in (0, 1):
-            s = scores(rng, 30, rate)
-            test = {row: {"recall@1": s[f"{row}/recall@1"].mean(), "map@r": s[f"{row}/map@r"].mean()} for row in study.PROTOCOLS}
-            record = {"variant": variant, "setting": "unseen", "seed": seed, "test": test, "history": history, "seconds": 1.0}
-            study._save(tmp_path, study.run_name(variant, "unseen", seed), record, s)
+            save_run(study, tmp_path, variant, "unseen", seed, scores(rng, 30, rate))
 
     write("K1", 0.5)
     write("K4", 0.6)
