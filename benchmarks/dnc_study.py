@@ -26,6 +26,13 @@ Runs are stored one file per run under ``--out`` (JSON + per-query scores); a ru
 not trained again, so an interrupted study resumes, and ``--jobs`` workers (or several processes
 with disjoint ``--seeds``) share the folder. ``--summarize`` writes ``summary.json``,
 ``summary.md`` and ``study.png`` there.
+
+Each run's JSON also keeps what the intervals need of its per-query scores: per test class, the
+number of queries and the sum of each metric (``per_class``). ``--publish DIR`` copies the runs to
+``DIR/per_run/`` (the layout under ``benchmarks/results/``) and summarises them there, so a committed
+study can be summarised again from a fresh clone, with new runs added to it. Runs published before
+``per_class`` existed have only their means: a comparison that involves one of them gets an interval
+over seeds alone (Student t on the per-seed differences), marked as such.
 """
 
 from __future__ import annotations
@@ -204,12 +211,32 @@ def zero_shot(out: Path, extra: list[str]) -> None:
                           **({"validation_unseen": validation} if validation is not None else {})}, scores)
 
 
+def rows_of(setting: str) -> list[str]:
+    """The protocol rows a run of this setting is summarised on."""
+    return [row for row, st in PROTOCOLS.items() if st == setting]
+
+
+def per_class_scores(scores: dict, rows) -> dict:
+    """What the summary needs of per-query scores, small enough to keep in the run's JSON: per test
+    class (sorted), its number of queries and the sum of each metric over them, for each row."""
+    kept = {}
+    for row in rows:
+        if f"{row}/classes" not in scores:
+            continue
+        names, inverse = np.unique(scores[f"{row}/classes"], return_inverse=True)
+        kept[row] = {"classes": names.tolist(), "queries": np.bincount(inverse).tolist(),
+                     **{m: np.bincount(inverse, weights=scores[f"{row}/{m}"], minlength=len(names)).tolist()
+                        for m in METRICS}}
+    return kept
+
+
 def _save(out: Path, name: str, record: dict, scores: dict) -> None:
     from dcml.atomic_files import json_text, write_atomically
 
     def npz(stream):
         np.savez(stream, **scores)
 
+    record = {**record, "per_class": per_class_scores(scores, rows_of(record["setting"]))}
     text = json_text(record, indent=1).encode()
     # The scores first: a run counts as done when its JSON exists.
     write_atomically({out / f"{name}.npz": npz})
@@ -217,22 +244,55 @@ def _save(out: Path, name: str, record: dict, scores: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- the summary
-def _load(out: Path, name: str):
-    record = json.loads((out / f"{name}.json").read_text())
-    with np.load(out / f"{name}.npz", allow_pickle=False) as data:
-        scores = {key: data[key] for key in data.files}
-    return record, scores
+def runs_folder(out: Path) -> Path:
+    """Where a study's run files are: ``out/per_run`` in a published study, else ``out`` itself."""
+    return out / "per_run" if (out / "per_run").is_dir() else out
 
 
-def _per_class(scores: dict, row: str, metric: str):
-    """Per test class: (sum of the metric over its queries, number of queries), classes sorted."""
-    classes, values = scores[f"{row}/classes"], scores[f"{row}/{metric}"]
-    names, inverse = np.unique(classes, return_inverse=True)
-    return names, np.bincount(inverse, weights=values), np.bincount(inverse).astype(np.float64)
+def _load(runs: Path, name: str) -> tuple[dict, dict | None]:
+    """A run's record and its per-class scores: from the JSON, else from the per-query .npz beside
+    it, else None (a run published before per-class scores were kept)."""
+    record = json.loads((runs / f"{name}.json").read_text())
+    per_class = record.get("per_class")
+    if per_class is None and (runs / f"{name}.npz").exists():
+        with np.load(runs / f"{name}.npz", allow_pickle=False) as data:
+            per_class = per_class_scores({key: data[key] for key in data.files}, rows_of(record["setting"]))
+    return record, per_class
+
+
+def _per_class(per_class: dict, row: str, metric: str):
+    """Per test class: (class, sum of the metric over its queries, number of queries), classes sorted."""
+    kept = per_class[row]
+    return (np.asarray(kept["classes"]), np.asarray(kept[metric], dtype=np.float64),
+            np.asarray(kept["queries"], dtype=np.float64))
+
+
+def seeds_only_interval(differences) -> dict:
+    """mean of per-seed differences with a Student-t interval over seeds; no test-class level. For
+    comparisons with a run whose per-class scores were not kept (one seed: no interval)."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64)
+    low = high = None
+    if len(d) > 1:
+        half = stats.t.ppf((1 + LEVEL) / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        low, high = float(d.mean() - half), float(d.mean() + half)
+    return {"difference": float(d.mean()), "low": low, "high": high, "per_seed": d.tolist(), "seeds": len(d),
+            "interval": "seeds"}
+
+
+def paired_difference(runs: list[tuple[tuple[dict, dict | None], tuple[dict, dict | None]]], row: str, metric: str,
+                      rng) -> dict:
+    """A minus B paired by seed, from ``((record_a, per_class_a), (record_b, per_class_b))`` per seed:
+    the two-level bootstrap where every run kept its per-class scores, else an interval over seeds."""
+    if all(a[1] is not None and b[1] is not None for a, b in runs):
+        return paired_seed_bootstrap([(a[1], b[1]) for a, b in runs], row, metric, rng)
+    return seeds_only_interval([a[0]["test"][row][metric] - b[0]["test"][row][metric] for a, b in runs])
 
 
 def paired_seed_bootstrap(pairs: list[tuple[dict, dict]], row: str, metric: str, rng) -> dict:
-    """mean over seeds of mean(A) - mean(B), and its two-level bootstrap interval (seeds, then classes)."""
+    """mean over seeds of mean(A) - mean(B), and its two-level bootstrap interval (seeds, then classes),
+    from each run's per-class scores (``per_class_scores``)."""
     per_seed = []
     for a, b in pairs:
         names_a, sum_a, count_a = _per_class(a, row, metric)
@@ -252,7 +312,7 @@ def paired_seed_bootstrap(pairs: list[tuple[dict, dict]], row: str, metric: str,
         draws[b] = total / len(per_seed)
     low, high = np.quantile(draws, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return {"difference": float(differences.mean()), "low": float(low), "high": float(high),
-            "per_seed": differences.tolist(), "seeds": len(per_seed)}
+            "per_seed": differences.tolist(), "seeds": len(per_seed), "interval": "seeds and classes"}
 
 
 def comparison_rng(*names: str) -> np.random.Generator:
@@ -271,8 +331,10 @@ def _mean_sd(values) -> dict:
 
 
 def summarize(out: Path, with_plot: bool = True) -> dict:
+    """Tables, intervals and plot of the runs in ``out`` (or ``out/per_run``), written to ``out``."""
+    runs_dir = runs_folder(out)
     done = {}
-    for path in out.glob("*.json"):
+    for path in runs_dir.glob("*.json"):
         stem = path.stem
         if stem == "summary" or stem.startswith("zero-shot"):
             continue
@@ -283,7 +345,7 @@ def summarize(out: Path, with_plot: bool = True) -> dict:
 
     def get(name):
         if name not in cache:
-            cache[name] = _load(out, name)
+            cache[name] = _load(runs_dir, name)
         return cache[name]
 
     summary: dict = {"level": LEVEL, "resamples": RESAMPLES, "variants": {}, "reference": REFERENCE,
@@ -304,8 +366,8 @@ def summarize(out: Path, with_plot: bool = True) -> dict:
                 common = [s for s in seeds if (other, setting, s) in done]
                 if other == variant or not common:
                     return None
-                pairs = [(get(done[(variant, setting, s)])[1], get(done[(other, setting, s)])[1]) for s in common]
-                return {m: paired_seed_bootstrap(pairs, row, m, comparison_rng(variant, other, row, m)) for m in METRICS}
+                runs = [(get(done[(variant, setting, s)]), get(done[(other, setting, s)])) for s in common]
+                return {m: paired_difference(runs, row, m, comparison_rng(variant, other, row, m)) for m in METRICS}
 
             if (difference := minus(REFERENCE)) is not None:
                 item["minus_reference"] = difference
@@ -317,9 +379,9 @@ def summarize(out: Path, with_plot: bool = True) -> dict:
             if other is not None and (difference := minus(other)) is not None:
                 item["minus_other_recipe"] = {"reference": other, **difference}
             zero_names = [f"zero-shot-all" if setting == "all" else f"zero-shot-unseen-{held_out_vendor(s)}" for s in seeds]
-            if all((out / f"{z}.json").exists() for z in zero_names):
-                pairs = [(get(done[(variant, setting, s)])[1], get(z)[1]) for s, z in zip(seeds, zero_names)]
-                item["minus_zero_shot"] = {m: paired_seed_bootstrap(pairs, row, m, comparison_rng(variant, "zero-shot", row, m))
+            if all((runs_dir / f"{z}.json").exists() for z in zero_names):
+                runs = [(get(done[(variant, setting, s)]), get(z)) for s, z in zip(seeds, zero_names)]
+                item["minus_zero_shot"] = {m: paired_difference(runs, row, m, comparison_rng(variant, "zero-shot", row, m))
                                            for m in METRICS}
             if setting == "unseen":
                 validation = [get(done[(variant, setting, s)])[0].get("validation_unseen") for s in seeds]
@@ -348,11 +410,11 @@ def summarize(out: Path, with_plot: bool = True) -> dict:
     summary["zero_shot"] = {}
     for row, setting in PROTOCOLS.items():
         names = ["zero-shot-all"] if setting == "all" else [f"zero-shot-unseen-{v}" for v in VENDORS]
-        values = {n: get(n)[0]["test"][row]["recall@1"] for n in names if (out / f"{n}.json").exists()}
+        values = {n: get(n)[0]["test"][row]["recall@1"] for n in names if (runs_dir / f"{n}.json").exists()}
         if values:
             summary["zero_shot"][row] = values
     validation = {v: get(f"zero-shot-unseen-{v}")[0].get("validation_unseen") for v in VENDORS
-                  if (out / f"zero-shot-unseen-{v}.json").exists()}
+                  if (runs_dir / f"zero-shot-unseen-{v}.json").exists()}
     if validation and all(validation.values()):
         summary["zero_shot"]["validation_unseen"] = {v: s["recall@1"] for v, s in validation.items()}
     from dcml.atomic_files import json_text, write_atomically
@@ -374,8 +436,22 @@ def _convergence(records: list[dict]) -> dict:
     return {"images": images.tolist(), "mean": scores.mean(0).tolist(), "sd": scores.std(0).tolist()}
 
 
+#: Marks an interval over seeds alone (some run's per-class scores were not kept).
+SEEDS_ONLY_MARK = "†"
+
+
 def _cell(d: dict) -> str:
-    return f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+    if d["low"] is None:
+        return f"{100 * d['difference']:+.2f} (one seed, no interval)"
+    mark = SEEDS_ONLY_MARK if d.get("interval") == "seeds" else ""
+    return f"{100 * d['difference']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]{mark}"
+
+
+def _any_seeds_only(node) -> bool:
+    """Whether any comparison in (part of) a summary has an interval over seeds alone."""
+    if isinstance(node, dict):
+        return node.get("interval") == "seeds" or any(_any_seeds_only(v) for v in node.values())
+    return isinstance(node, list) and any(_any_seeds_only(v) for v in node)
 
 
 def summary_markdown(summary: dict) -> str:
@@ -404,6 +480,12 @@ def summary_markdown(summary: dict) -> str:
         cells.append(f"{entry.get('seconds_per_run', float('nan')):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if _any_seeds_only(summary):
+        lines.append(f"{SEEDS_ONLY_MARK} an interval over seeds alone: a Student-t interval on the per-seed differences of "
+                     "the runs' means, used where a run's per-class scores were not kept (runs published before they "
+                     "were), so test classes could not be resampled. It leaves out the test-class uncertainty the other "
+                     "intervals include.")
+        lines.append("")
     lines.append("MAP@R, difference from the reference:")
     lines.append("")
     for variant, entry in summary["variants"].items():
@@ -474,8 +556,11 @@ def plot(summary: dict, path: Path) -> None:
             if d is None:
                 continue
             y = i + (j - 1) * 0.22
-            forest.errorbar(100 * d["difference"], y, xerr=[[100 * (d["difference"] - d["low"])], [100 * (d["high"] - d["difference"])]],
-                            fmt="o", color=colours[row], capsize=3, label=None if row in labelled else row)
+            xerr = None if d["low"] is None else [[100 * (d["difference"] - d["low"])], [100 * (d["high"] - d["difference"])]]
+            # Hollow: an interval over seeds alone (see SEEDS_ONLY_MARK).
+            forest.errorbar(100 * d["difference"], y, xerr=xerr, fmt="o", color=colours[row], capsize=3,
+                            mfc="white" if d.get("interval") == "seeds" else colours[row],
+                            label=None if row in labelled else row)
             labelled.add(row)
     forest.axvline(0, color="grey", linestyle="--")
     if any(label.endswith("zero-shot") for label, _ in comparisons):
@@ -483,7 +568,8 @@ def plot(summary: dict, path: Path) -> None:
         forest.axvline(100 * UNSEEN_TARGET_OVER_ZERO_SHOT, color="tab:red", linestyle=":", label="target over zero-shot")
     forest.set_yticks(range(len(comparisons)), [label for label, _ in comparisons], fontsize=8)
     forest.invert_yaxis()
-    forest.set_xlabel(f"Recall@1 difference, paired by seed (points, {100 * summary['level']:.0f}% interval)")
+    forest.set_xlabel(f"Recall@1 difference, paired by seed (points, {100 * summary['level']:.0f}% interval; "
+                      "hollow: over seeds alone)")
     forest.legend(loc="best", fontsize=8)
     forest.grid(True, axis="x", alpha=0.3)
     for variant, entry in summary["variants"].items():
@@ -510,6 +596,41 @@ def plot(summary: dict, path: Path) -> None:
     write_atomically({path: lambda s: s.write(buffer.getvalue())})
 
 
+def publish(out: Path, destination: Path, with_plot: bool = True) -> dict:
+    """Copy the runs in ``out`` to ``destination/per_run`` as JSON alone, per-class scores inside (the
+    layout committed under benchmarks/results/), then summarise everything there.
+
+    A run already published is replaced only by the same run with more kept (its per-class scores);
+    one whose test metrics differ is refused, naming it: another machine's re-run of a published run
+    is another result, not a copy.
+    """
+    from dcml.atomic_files import json_text, write_atomically
+
+    source = runs_folder(out)
+    if not source.is_dir():
+        raise ValueError(f"no study runs in {out}")
+    runs = destination / "per_run"
+    runs.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.json")):
+        if path.stem == "summary":
+            continue
+        record, per_class = _load(source, path.stem)
+        if per_class is None:
+            raise ValueError(f"{path} has neither per-class scores nor its .npz: nothing to publish the intervals from")
+        record = {**record, "per_class": per_class}
+        target = runs / path.name
+        if target.exists():
+            published = json.loads(target.read_text())
+            if published.get("test") != record["test"]:
+                raise ValueError(f"{target} holds another result of {path.stem} (other test metrics); "
+                                 "remove it first if this run should replace it")
+            if "per_class" in published:
+                continue
+        text = json_text(record, indent=1).encode()
+        write_atomically({target: lambda s: s.write(text)})
+    return summarize(destination, with_plot=with_plot)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(CPU_GRID), choices=list(VARIANTS))
@@ -520,7 +641,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--out", type=Path, default=Path("runs/dnc_study"))
     parser.add_argument("--summarize", action="store_true", help="only write the summary of the runs in --out")
+    parser.add_argument("--publish", type=Path, metavar="DIR",
+                        help="copy the runs in --out to DIR/per_run (JSON with per-class scores) and summarise them there")
     args = parser.parse_args()
+    if args.publish is not None:
+        try:
+            publish(args.out, args.publish)
+        except ValueError as error:
+            print(f"dnc_study: {error}", file=sys.stderr)
+            return 2
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
         summarize(args.out)
