@@ -90,6 +90,9 @@ VARIANTS: dict[str, list[str]] = {
     f"K4{STYLE_SUFFIX}-blocks9": ["clustering.learners=4", *STYLE_AUGMENTED, "model.trainable_blocks=9"],
     f"K4{STYLE_SUFFIX}-epochs30": ["clustering.learners=4", *STYLE_AUGMENTED, "schedule.epochs=30",
                                    "schedule.conquer_epoch=21"],
+    # Trained units went 1 -> 2 -> 6 -> 9 with unseen-vendor R@1 rising at each step: stage 4 too.
+    f"K1{STYLE_SUFFIX}-blocks12": ["clustering.learners=1", *STYLE_AUGMENTED, "model.trainable_blocks=12"],
+    f"K4{STYLE_SUFFIX}-blocks12": ["clustering.learners=4", *STYLE_AUGMENTED, "model.trainable_blocks=12"],
 }
 #: Besides K = 1: a variant against the one it changes one thing of (paired by seed as well).
 SAME_K_OTHER_RECIPE = {
@@ -98,6 +101,8 @@ SAME_K_OTHER_RECIPE = {
     f"K1{STYLE_SUFFIX}-blocks9": f"K1{STYLE_SUFFIX}",
     f"K4{STYLE_SUFFIX}-blocks9": f"K4{STYLE_SUFFIX}",
     f"K4{STYLE_SUFFIX}-epochs30": f"K4{STYLE_SUFFIX}",
+    f"K1{STYLE_SUFFIX}-blocks12": f"K1{STYLE_SUFFIX}-blocks9",
+    f"K4{STYLE_SUFFIX}-blocks12": f"K4{STYLE_SUFFIX}-blocks9",
 }
 #: What two CPU cores can run in about an hour (documented in the README with its results).
 CPU_GRID = ("K1", "K4", f"K1{AUGMENTED_SUFFIX}", f"K4{AUGMENTED_SUFFIX}", "K2", "K8")
