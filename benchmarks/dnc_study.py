@@ -577,13 +577,25 @@ def plot(summary: dict, path: Path) -> None:
                       "hollow: over seeds alone)")
     forest.legend(loc="best", fontsize=8)
     forest.grid(True, axis="x", alpha=0.3)
-    for variant, entry in summary["variants"].items():
-        c = entry.get("convergence")
-        if c and (variant in ("K1", "K4") or variant.endswith((AUGMENTED_SUFFIX, STYLE_SUFFIX))):
+    # The paper's convergence claim compares D&C with K = 1 trained the same way: one colour per recipe
+    # that has both, solid for D&C, dashed for K = 1.
+    recipes: dict[str, dict[str, str]] = {}
+    for variant in summary["variants"]:
+        k, _, recipe = variant.partition("-")
+        recipes.setdefault(recipe, {})[k] = variant
+    recipe_colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for recipe, by_k in recipes.items():
+        curves_of = {k: summary["variants"][v].get("convergence") for k, v in by_k.items()}
+        curves_of = {k: c for k, c in curves_of.items() if c}
+        if REFERENCE not in curves_of or len(curves_of) < 2:
+            continue
+        colour = next(recipe_colours)
+        for k, c in sorted(curves_of.items(), key=lambda item: int(item[0][1:]) if item[0][1:].isdigit() else 0):
             images = np.array(c["images"]) / 1000
             mean, sd = 100 * np.array(c["mean"]), 100 * np.array(c["sd"])
-            (line,) = curves.plot(images, mean, marker=".", label=variant)
-            curves.fill_between(images, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+            curves.plot(images, mean, marker=".", color=colour, linestyle="--" if k == REFERENCE else "-",
+                        label=f"{by_k[k]} ({len(c['seeds'])} seed{'s' if len(c['seeds']) != 1 else ''})")
+            curves.fill_between(images, mean - sd, mean + sd, color=colour, alpha=0.08)
     settings = sorted({entry["convergence"]["setting"] for entry in summary["variants"].values() if "convergence" in entry})
     curves.set_title("convergence: " + " + ".join({"all": "runs on every vendor", "unseen": "runs without the held-out vendor"}[s]
                                                   for s in settings), fontsize=9)
