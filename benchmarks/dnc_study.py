@@ -648,6 +648,21 @@ def publish(out: Path, destination: Path, with_plot: bool = True) -> dict:
     return summarize(destination, with_plot=with_plot)
 
 
+def limit_threads(threads: int, environ=os.environ) -> None:
+    """Keep every run of this process (and its spawned workers) to ``threads`` OpenMP threads that
+    sleep when idle. Call before torch is imported; settings already in the environment win.
+
+    ``torch.set_num_threads`` alone was not enough: each K = 4 run still gained a second thread of
+    torch's OpenMP runtime at its first re-clustering, which spin-waited between parallel regions. Two
+    or three 1-thread runs on two cores then kept twice as many threads busy; measured 2026-12-06 with
+    three runs side by side on two cores, epochs took 175-205 s with spinning threads and 65 s with
+    ``OMP_WAIT_POLICY=PASSIVE``, same results.
+    """
+    for variable, value in (("OMP_NUM_THREADS", str(threads)), ("MKL_NUM_THREADS", str(threads)),
+                            ("OMP_WAIT_POLICY", "PASSIVE")):
+        environ.setdefault(variable, value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(CPU_GRID), choices=list(VARIANTS))
@@ -673,6 +688,7 @@ def main() -> int:
         summarize(args.out)
         return 0
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    limit_threads(threads)
     zero_shot(args.out, args.overrides)
     # Seeds outermost: a study cut short still has complete pairs for the seeds it reached.
     jobs = [(v, st, s, args.overrides, args.out, threads) for s in args.seeds for v in args.variants for st in args.settings

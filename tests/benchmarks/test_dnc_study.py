@@ -231,3 +231,9 @@ def test_the_emoji_styles_preset_is_the_studys_unseen_vendor_recipe(study):
     measured = load_config("emoji", study.VARIANTS["K4-drawing-style-blocks9"]).to_dict()
     assert preset == measured
     assert preset != load_config("emoji").to_dict()
+
+
+def test_runs_are_kept_to_their_threads_and_idle_threads_sleep(study):
+    environ = {"OMP_NUM_THREADS": "3"}  # the user's own setting wins
+    study.limit_threads(1, environ)
+    assert environ == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
