@@ -228,7 +228,7 @@ def test_the_emoji_styles_preset_is_the_studys_unseen_vendor_recipe(study):
     from dcml.config import load_config
 
     preset = load_config("emoji-styles").to_dict()
-    measured = load_config("emoji", study.VARIANTS["K4-drawing-style-blocks9"]).to_dict()
+    measured = load_config("emoji", study.VARIANTS["K4-drawing-style-blocks12"]).to_dict()
     assert preset == measured
     assert preset != load_config("emoji").to_dict()
 
