@@ -649,17 +649,19 @@ def publish(out: Path, destination: Path, with_plot: bool = True) -> dict:
 
 
 def limit_threads(threads: int, environ=os.environ) -> None:
-    """Keep every run of this process (and its spawned workers) to ``threads`` OpenMP threads that
-    sleep when idle. Call before torch is imported; settings already in the environment win.
+    """Keep every run of this process (and its spawned workers) to ``threads`` threads that sleep
+    when idle. Call before torch and numba are imported; settings already in the environment win.
 
-    ``torch.set_num_threads`` alone was not enough: each K = 4 run still gained a second thread of
-    torch's OpenMP runtime at its first re-clustering, which spin-waited between parallel regions. Two
-    or three 1-thread runs on two cores then kept twice as many threads busy; measured 2026-12-06 with
-    three runs side by side on two cores, epochs took 175-205 s with spinning threads and 65 s with
-    ``OMP_WAIT_POLICY=PASSIVE``, same results.
+    ``torch.set_num_threads`` alone was not enough: each run still gained a second thread at its
+    first evaluation, numba's team for the rank kernel (sized to every core, blind to torch's
+    setting), whose OpenMP workers spin-waited between parallel regions. Two or three 1-thread runs
+    on two cores then kept twice as many threads busy; measured 2026-12-06 with three runs side by
+    side on two cores, epochs took 175-205 s with spinning threads and 65 s with
+    ``OMP_WAIT_POLICY=PASSIVE``, same results. The rank kernel now follows torch's thread count
+    itself; ``NUMBA_NUM_THREADS`` keeps numba from starting the extra thread at all.
     """
     for variable, value in (("OMP_NUM_THREADS", str(threads)), ("MKL_NUM_THREADS", str(threads)),
-                            ("OMP_WAIT_POLICY", "PASSIVE")):
+                            ("NUMBA_NUM_THREADS", str(threads)), ("OMP_WAIT_POLICY", "PASSIVE")):
         environ.setdefault(variable, value)
 
 

@@ -236,4 +236,4 @@ def test_the_emoji_styles_preset_is_the_studys_unseen_vendor_recipe(study):
 def test_runs_are_kept_to_their_threads_and_idle_threads_sleep(study):
     environ = {"OMP_NUM_THREADS": "3"}  # the user's own setting wins
     study.limit_threads(1, environ)
-    assert environ == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert environ == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}

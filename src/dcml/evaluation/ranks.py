@@ -25,6 +25,7 @@ differs from the host's only in summation order, which is float32 accumulation e
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,25 @@ class _TileKernel:
     pair_distances: object
     count_rows: object
     count_cols: object = None
+    #: ``threads(n)``: a context in which the kernel's own parallel loops use at most n threads
+    #: (None: the kernel has no thread pool of its own).
+    threads: object = None
+
+
+@contextmanager
+def _numba_threads(count: int):
+    """numba's parallel loops run on numba's own thread team, sized to every core and blind to
+    ``torch.set_num_threads`` and ``OMP_NUM_THREADS``. A process limited to one torch thread then
+    still evaluated on two (side-by-side runs on two cores found it as an extra busy thread). Each
+    query's counts come from one thread whatever the team size, so the ranks do not change."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def _numba_kernel() -> _TileKernel | None:
@@ -80,7 +100,9 @@ def _numba_kernel() -> _TileKernel | None:
         from dcml.evaluation import _numba_kernels as compiled
     except ImportError:
         return None
-    return _TileKernel(pair_distances=compiled.pair_distances, count_rows=compiled.count_rows, count_cols=compiled.count_cols)
+    return _TileKernel(
+        pair_distances=compiled.pair_distances, count_rows=compiled.count_rows, count_cols=compiled.count_cols, threads=_numba_threads
+    )
 
 
 def _pair_distances_numpy(a: np.ndarray, b: np.ndarray, a_rows: np.ndarray, b_rows: np.ndarray) -> np.ndarray:
@@ -391,12 +413,14 @@ def positive_ranks(
         and query_self_index is not None
         and np.array_equal(problem.self_index, np.arange(n_q))
     )
-    state = problem.state(np.arange(n_q)) if symmetric and n_q else None
-    if state is not None and state.nbytes() <= _SYMMETRIC_STATE_BYTES:
-        _run_symmetric(problem, state, out)
-    else:
-        del state
-        _run_blocks(problem, out)
+    # One knob for the caller's thread budget: the kernel's loops follow torch's thread count.
+    with tile_kernel.threads(torch.get_num_threads()) if tile_kernel.threads else nullcontext():
+        state = problem.state(np.arange(n_q)) if symmetric and n_q else None
+        if state is not None and state.nbytes() <= _SYMMETRIC_STATE_BYTES:
+            _run_symmetric(problem, state, out)
+        else:
+            del state
+            _run_blocks(problem, out)
     return PositiveRanks(
         num_positives=out["num_positives"],
         first_rank=out["first_rank"],
