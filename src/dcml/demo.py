@@ -232,5 +232,5 @@ def results_markdown(payload: dict) -> str:
                      f"{run['selection_metric']}; {run['train_images']} training images seen; {run['seconds']:.0f} s")
     lines.append(f"- the intervals resample the test classes ({payload['interval']['resamples']} times): they cover which "
                  "classes were drawn, not the spread across training seeds (about a point on emoji: README, "
-                 "\"Does divide and conquer help on emoji?\")")
+                 "\"When divide and conquer helps\")")
     return "\n".join(lines) + "\n"
