@@ -93,6 +93,9 @@ VARIANTS: dict[str, list[str]] = {
     # Trained units went 1 -> 2 -> 6 -> 9 with unseen-vendor R@1 rising at each step: stage 4 too.
     f"K1{STYLE_SUFFIX}-blocks12": ["clustering.learners=1", *STYLE_AUGMENTED, "model.trainable_blocks=12"],
     f"K4{STYLE_SUFFIX}-blocks12": ["clustering.learners=4", *STYLE_AUGMENTED, "model.trainable_blocks=12"],
+    # The number of learners on the final recipe (its K = 1 and K = 4 are the two above).
+    f"K2{STYLE_SUFFIX}-blocks12": ["clustering.learners=2", *STYLE_AUGMENTED, "model.trainable_blocks=12"],
+    f"K8{STYLE_SUFFIX}-blocks12": ["clustering.learners=8", *STYLE_AUGMENTED, "model.trainable_blocks=12"],
 }
 #: Besides K = 1: a variant against the one it changes one thing of (paired by seed as well).
 SAME_K_OTHER_RECIPE = {
