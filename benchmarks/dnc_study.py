@@ -530,6 +530,10 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Convergence curves of one recipe: line style and marker per number of learners.
+CURVE_STYLE_BY_K = {"K1": ("--", "."), "K2": ("-.", "^"), "K4": ("-", "o"), "K8": (":", "s")}
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -581,7 +585,7 @@ def plot(summary: dict, path: Path) -> None:
     forest.legend(loc="best", fontsize=8)
     forest.grid(True, axis="x", alpha=0.3)
     # The paper's convergence claim compares D&C with K = 1 trained the same way: one colour per recipe
-    # that has both, solid for D&C, dashed for K = 1.
+    # that has both, one line style and marker per K (K = 1 dashed, K = 4 solid).
     recipes: dict[str, dict[str, str]] = {}
     for variant in summary["variants"]:
         k, _, recipe = variant.partition("-")
@@ -596,7 +600,8 @@ def plot(summary: dict, path: Path) -> None:
         for k, c in sorted(curves_of.items(), key=lambda item: int(item[0][1:]) if item[0][1:].isdigit() else 0):
             images = np.array(c["images"]) / 1000
             mean, sd = 100 * np.array(c["mean"]), 100 * np.array(c["sd"])
-            curves.plot(images, mean, marker=".", color=colour, linestyle="--" if k == REFERENCE else "-",
+            linestyle, marker = CURVE_STYLE_BY_K.get(k, ("-", "."))
+            curves.plot(images, mean, marker=marker, markersize=4, color=colour, linestyle=linestyle,
                         label=f"{by_k[k]} ({len(c['seeds'])} seed{'s' if len(c['seeds']) != 1 else ''})")
             curves.fill_between(images, mean - sd, mean + sd, color=colour, alpha=0.08)
     settings = sorted({entry["convergence"]["setting"] for entry in summary["variants"].values() if "convergence" in entry})
