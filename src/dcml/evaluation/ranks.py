@@ -75,8 +75,8 @@ class _TileKernel:
     count_rows: object
     count_cols: object = None
     #: ``threads(n)``: a context in which the kernel's own parallel loops use at most n threads
-    #: (None: the kernel has no thread pool of its own).
-    threads: object = None
+    #: (the default does nothing: a kernel without a thread pool of its own).
+    threads: object = lambda count: nullcontext()
 
 
 @contextmanager
@@ -414,7 +414,7 @@ def positive_ranks(
         and np.array_equal(problem.self_index, np.arange(n_q))
     )
     # One knob for the caller's thread budget: the kernel's loops follow torch's thread count.
-    with tile_kernel.threads(torch.get_num_threads()) if tile_kernel.threads else nullcontext():
+    with tile_kernel.threads(torch.get_num_threads()):
         state = problem.state(np.arange(n_q)) if symmetric and n_q else None
         if state is not None and state.nbytes() <= _SYMMETRIC_STATE_BYTES:
             _run_symmetric(problem, state, out)
